@@ -1,0 +1,334 @@
+"""One event model: every output (logs, metrics, streams, journals) is a sink of one stream.
+
+An `Event` is emitted only when someone listens: a registered sink, an active capture, or a
+``"nodekit"`` logger enabled for the event's level. The success path of a node asks one cheap
+question (`observed()`) and does no event work when the answer is no.
+
+nodekit never configures logging. Events go to structlog when the application configured it,
+else to the standard ``logging`` logger ``"nodekit"``; the level gate for both is that stdlib
+logger's effective level, so ``logging.getLogger("nodekit").setLevel(logging.DEBUG)`` turns on
+the per-call events, and the application's own configuration decides where they are printed.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+__all__ = [
+    "Event",
+    "Metrics",
+    "NodeMetrics",
+    "Sink",
+    "add_sink",
+    "configure_logging",
+    "emit",
+    "observed",
+    "remove_sink",
+]
+
+logger = logging.getLogger("nodekit")
+# The logging HOWTO's advice for libraries: no output unless the application configures it.
+logger.addHandler(logging.NullHandler())
+
+DEBUG = logging.DEBUG
+INFO = logging.INFO
+WARNING = logging.WARNING
+ERROR = logging.ERROR
+
+_LEVELS: dict[str, int] = {
+    "node.started": DEBUG,
+    "node.succeeded": DEBUG,
+    "node.replayed": INFO,
+    "node.retrying": WARNING,
+    "node.retry_unsafe": WARNING,
+    "node.timed_out": WARNING,
+    "node.abandoned_finished": INFO,
+    "node.failed": ERROR,
+    "flow.started": INFO,
+    "flow.node_started": DEBUG,
+    "flow.node_finished": DEBUG,
+    "flow.node_skipped": INFO,
+    "flow.finished": INFO,
+    "flow.failed": ERROR,
+    "idempotency.acquired": DEBUG,
+    "idempotency.completed": DEBUG,
+    "idempotency.replayed": INFO,
+    "idempotency.waited": INFO,
+    "idempotency.released": INFO,
+    "idempotency.takeover": WARNING,
+    "idempotency.in_progress": WARNING,
+    "idempotency.mismatch": ERROR,
+    "idempotency.lease_lost": ERROR,
+    "idempotency.outcome_unknown": ERROR,
+    "idempotency.store_error": ERROR,
+    "idempotency.heartbeat": DEBUG,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One thing that happened, with a dotted `name` and structured fields.
+
+    `error` is the error's type and message (shortened); `exc` is the exception object itself
+    for in-process sinks and is never logged. `fields` holds event-specific values; none of them
+    is ever a raw idempotency key, payload or secret.
+    """
+
+    name: str
+    node: str | None = None
+    run_id: str | None = None
+    attempt: int = 0
+    time: float = 0.0
+    level: int = INFO
+    duration: float | None = None
+    wait: float | None = None
+    error: str | None = None
+    exc: BaseException | None = field(default=None, repr=False, compare=False)
+    fields: Mapping[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> Any:
+        """Look a value up among the event's attributes and its `fields`."""
+        if name in self.fields:
+            return self.fields[name]
+        if name in Event.__dataclass_fields__:
+            return getattr(self, name)
+        raise KeyError(name)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The event's loggable fields (without the exception object)."""
+        out: dict[str, Any] = {"node": self.node}
+        if self.run_id is not None:
+            out["run_id"] = self.run_id
+        if self.attempt:
+            out["attempt"] = self.attempt
+        if self.duration is not None:
+            out["duration"] = round(self.duration, 6)
+        if self.wait is not None:
+            out["wait"] = round(self.wait, 6)
+        if self.error is not None:
+            out["error"] = self.error
+        out.update(self.fields)
+        return out
+
+
+class Sink(Protocol):
+    """Anything called with each event; must be fast and must not raise."""
+
+    def __call__(self, event: Event, /) -> None: ...
+
+
+class _Hub:
+    """The registered sinks; a tuple swapped atomically so emit never takes a lock."""
+
+    __slots__ = ("lock", "sinks")
+
+    def __init__(self) -> None:
+        self.sinks: tuple[Sink, ...] = ()
+        self.lock = threading.Lock()
+
+
+HUB = _Hub()
+_is_enabled_for = logger.isEnabledFor
+
+
+def observed() -> bool:
+    """Whether anyone listens to per-call (DEBUG) events: the hot path's one question."""
+    return bool(HUB.sinks) or _is_enabled_for(DEBUG)
+
+
+def add_sink(sink: Sink) -> Callable[[], None]:
+    """Register a sink for every event in this process; returns a function that removes it."""
+    with HUB.lock:
+        HUB.sinks = (*HUB.sinks, sink)
+
+    def remove() -> None:
+        remove_sink(sink)
+
+    return remove
+
+
+def remove_sink(sink: Sink) -> None:
+    """Unregister a sink added with `add_sink` (no error if it is not registered)."""
+    with HUB.lock:
+        sinks = list(HUB.sinks)
+        for index, item in enumerate(sinks):
+            if item is sink:
+                del sinks[index]
+                break
+        HUB.sinks = tuple(sinks)
+
+
+@contextmanager
+def sink(target: Sink) -> Iterator[Sink]:
+    """Register `target` for the duration of a ``with`` block."""
+    remove = add_sink(target)
+    try:
+        yield target
+    finally:
+        remove()
+
+
+def short_error(exc: BaseException, limit: int = 200) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def emit(
+    name: str,
+    node: str | None = None,
+    run_id: str | None = None,
+    attempt: int = 0,
+    *,
+    duration: float | None = None,
+    wait: float | None = None,
+    exc: BaseException | None = None,
+    **fields: Any,
+) -> None:
+    """Build and deliver one event, if anyone listens to its level."""
+    level = _LEVELS.get(name, INFO)
+    sinks = HUB.sinks
+    log = _is_enabled_for(level)
+    if not sinks and not log:
+        return
+    event = Event(
+        name=name,
+        node=node,
+        run_id=run_id,
+        attempt=attempt,
+        time=time.time(),
+        level=level,
+        duration=duration,
+        wait=wait,
+        error=None if exc is None else short_error(exc),
+        exc=exc,
+        fields=fields,
+    )
+    for target in sinks:
+        try:
+            target(event)
+        except Exception:  # a broken sink must never break a node
+            logger.debug("nodekit: event sink %r failed", target, exc_info=True)
+    if log:
+        _log(event)
+
+
+def _log(event: Event) -> None:
+    structlog = sys.modules.get("structlog")
+    if structlog is not None and structlog.is_configured():
+        structlog.get_logger("nodekit").log(event.level, event.name, **event.as_dict())
+        return
+    values = event.as_dict()
+    text = " ".join(f"{key}={value}" for key, value in values.items() if value is not None)
+    logger.log(event.level, "%s %s", event.name, text, extra={"nodekit": values})
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+@dataclass(slots=True)
+class NodeMetrics:
+    """Counters and latency for one node, as seen by a `Metrics` sink."""
+
+    calls: int = 0
+    successes: int = 0
+    failures: int = 0
+    retries: int = 0
+    timeouts: int = 0
+    replays: int = 0
+    latency_total: float = 0.0
+    latency_max: float = 0.0
+
+    @property
+    def latency_mean(self) -> float:
+        done = self.successes + self.failures
+        return self.latency_total / done if done else 0.0
+
+
+class Metrics:
+    """A sink that counts calls, successes, failures, retries, timeouts, replays and latency.
+
+    Register it with ``nk.add_sink(metrics)``; `snapshot()` returns a copy per node name.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._nodes: dict[str, NodeMetrics] = {}
+
+    def __call__(self, event: Event, /) -> None:
+        name = event.name
+        if not name.startswith("node.") or event.node is None:
+            return
+        with self._lock:
+            stats = self._nodes.get(event.node)
+            if stats is None:
+                stats = self._nodes[event.node] = NodeMetrics()
+            if name == "node.started":
+                stats.calls += 1
+            elif name == "node.succeeded" or name == "node.failed":
+                if name == "node.succeeded":
+                    stats.successes += 1
+                else:
+                    stats.failures += 1
+                if event.duration is not None:
+                    stats.latency_total += event.duration
+                    stats.latency_max = max(stats.latency_max, event.duration)
+            elif name == "node.retrying":
+                stats.retries += 1
+            elif name == "node.timed_out":
+                stats.timeouts += 1
+            elif name == "node.replayed":
+                stats.replays += 1
+
+    def snapshot(self) -> dict[str, NodeMetrics]:
+        with self._lock:
+            return {
+                node: NodeMetrics(
+                    s.calls, s.successes, s.failures, s.retries, s.timeouts, s.replays,
+                    s.latency_total, s.latency_max,
+                )
+                for node, s in self._nodes.items()
+            }
+
+    def reset(self) -> None:
+        with self._lock:
+            self._nodes.clear()
+
+
+def configure_logging(level: int | str = logging.INFO, *, stream: Any = None) -> None:
+    """Print nodekit's events to stderr (or `stream`): for applications and the command line.
+
+    Library code never calls this. It attaches one handler to the ``"nodekit"`` logger only.
+    """
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s"))
+    handler.addFilter(ContextFilter())
+    for existing in list(logger.handlers):
+        if getattr(existing, "_nodekit_handler", False):
+            logger.removeHandler(existing)
+    handler._nodekit_handler = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(level)
+
+
+class ContextFilter(logging.Filter):
+    """A logging filter that adds the running node's ids to every record.
+
+    Add it to your handlers so your own log lines inside a node carry ``node``, ``run_id``
+    and ``attempt`` (structlog users get them through ``merge_contextvars`` already).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from ._context import current_or_none
+
+        ctx = current_or_none()
+        record.node = ctx.node if ctx is not None else None
+        record.run_id = ctx.run_id if ctx is not None else None
+        record.attempt = ctx.attempt if ctx is not None else None
+        return True

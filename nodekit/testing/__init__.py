@@ -1,0 +1,155 @@
+"""Test kit: instant waits, event capture, resource overrides and fakes for flaky calls.
+
+Everything here is plain library code; the pytest plugin (`nodekit.testing._plugin`, loaded
+through the ``pytest11`` entry point) only wraps it in fixtures: `nk_instant`, `nk_events`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from .._context import override
+from .._events import Event, add_sink
+from .._execution import CLOCK
+
+__all__ = [
+    "Events",
+    "Flaky",
+    "Instant",
+    "capture_events",
+    "instant",
+    "override",
+]
+
+
+class Instant:
+    """The handle `instant()` yields: `.sleeps` lists every wait nodekit asked for."""
+
+    def __init__(self) -> None:
+        self.sleeps: list[float] = []
+        self._lock = threading.Lock()
+
+    def _record(self, seconds: float) -> None:
+        with self._lock:
+            self.sleeps.append(seconds)
+
+    def _sleep(self, seconds: float) -> None:
+        self._record(seconds)
+
+    async def _asleep(self, seconds: float) -> None:
+        self._record(seconds)
+        await asyncio.sleep(0)
+
+    @property
+    def total(self) -> float:
+        """The sum of the waits requested: the time a real run would have slept."""
+        return sum(self.sleeps)
+
+
+@contextmanager
+def instant() -> Iterator[Instant]:
+    """Make nodekit's waits (backoff, Retry-After, polling) zero inside the block.
+
+    The waits that would have happened are recorded in the handle's `.sleeps`, in order.
+    Only nodekit's own waits change: the code under test still sleeps if it sleeps itself.
+    """
+    handle = Instant()
+    saved = CLOCK.sleep, CLOCK.asleep
+    CLOCK.sleep, CLOCK.asleep = handle._sleep, handle._asleep
+    try:
+        yield handle
+    finally:
+        CLOCK.sleep, CLOCK.asleep = saved
+
+
+class Events(list[Event]):
+    """The events captured by `capture_events()`, in order, with small query helpers."""
+
+    def names(self) -> list[str]:
+        return [event.name for event in self]
+
+    def named(self, name: str) -> list[Event]:
+        return [event for event in self if event.name == name]
+
+    def for_node(self, node: str) -> Events:
+        return Events(event for event in self if event.node == node)
+
+
+@contextmanager
+def capture_events(*, prefix: str | None = None) -> Iterator[Events]:
+    """Collect every event emitted, in any thread, while the block runs.
+
+    `prefix` keeps only the events whose name starts with it (``"node."``, ``"flow."``).
+    """
+    events = Events()
+    lock = threading.Lock()
+
+    def sink(event: Event) -> None:
+        if prefix is None or event.name.startswith(prefix):
+            with lock:
+                events.append(event)
+
+    remove = add_sink(sink)
+    try:
+        yield events
+    finally:
+        remove()
+
+
+class Flaky:
+    """A fake callable that raises the given errors in turn, then returns `result`.
+
+    ``Flaky([ConnectionResetError(), TimeoutError()], result=42)`` fails twice and succeeds on
+    the third call. `calls` counts the calls; `args` records what each call received.
+    Use `Flaky.async_()` for a coroutine function. An error may be an exception class (a new
+    instance is raised each time) or an instance.
+    """
+
+    def __init__(
+        self,
+        errors: Iterable[BaseException | type[BaseException]] = (),
+        *,
+        result: Any = None,
+        times: int | None = None,
+    ) -> None:
+        items = list(errors)
+        if times is not None:
+            if len(items) != 1:
+                raise ValueError("Flaky(times=N) takes exactly one error")
+            items = items * times
+        self.errors = items
+        self.result = result
+        self.calls = 0
+        self.args: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+        self._lock = threading.Lock()
+
+    def _next(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        with self._lock:
+            index = self.calls
+            self.calls += 1
+            self.args.append((args, kwargs))
+        if index < len(self.errors):
+            error = self.errors[index]
+            raise error() if isinstance(error, type) else error
+        result = self.result
+        return result(*args, **kwargs) if callable(result) else result
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._next(args, kwargs)
+
+    def async_(self) -> Callable[..., Any]:
+        """A coroutine function sharing this fake's script and counters."""
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            return self._next(args, kwargs)
+
+        call.__name__ = call.__qualname__ = "flaky_async"
+        return call
+
+    @property
+    def failures(self) -> int:
+        return min(self.calls, len(self.errors))

@@ -1,0 +1,80 @@
+"""Shared fixtures: real services (PostgreSQL, Redis) with a clean namespace per test."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from urllib.parse import urlparse
+
+import pytest
+
+POSTGRES_URL = os.environ.get("NODEKIT_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("NODEKIT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+REQUIRE_SERVICES = os.environ.get("NODEKIT_REQUIRE_SERVICES") == "1"
+
+
+def _reachable(url: str) -> bool:
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or 0), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _need(url: str, what: str) -> None:
+    if _reachable(url):
+        return
+    message = f"{what} is not reachable at {url}"
+    if REQUIRE_SERVICES:
+        pytest.fail(f"{message} and NODEKIT_REQUIRE_SERVICES=1", pytrace=False)
+    pytest.skip(f"{message} (set NODEKIT_TEST_* to point at one)")
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """The test PostgreSQL server's URL (skips, or fails in CI, when it is down)."""
+    _need(POSTGRES_URL, "PostgreSQL")
+    return POSTGRES_URL
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The test Redis server's URL (skips, or fails in CI, when it is down)."""
+    _need(REDIS_URL, "Redis")
+    return REDIS_URL
+
+
+@pytest.fixture
+def pg_schema(postgres_url: str) -> Iterator[str]:
+    """A fresh PostgreSQL schema for one test, dropped afterwards."""
+    import psycopg
+
+    schema = f"nk_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    try:
+        yield schema
+    finally:
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+@pytest.fixture
+def redis_prefix(redis_url: str) -> Iterator[str]:
+    """A fresh Redis key prefix for one test; its keys are deleted afterwards."""
+    import redis
+
+    prefix = f"nk-test:{uuid.uuid4().hex[:12]}:"
+    try:
+        yield prefix
+    finally:
+        client = redis.Redis.from_url(redis_url)
+        try:
+            keys = list(client.scan_iter(match=prefix + "*", count=1000))
+            if keys:
+                client.delete(*keys)
+        finally:
+            client.close()
