@@ -30,8 +30,17 @@ from ._events import (
     configure_logging,
     remove_sink,
 )
+from ._flow import Flow
+from ._map import MapResult
 from ._node import Node, node
 from ._policies import Effect, Retry, Timeout, classify
+from .idempotency import (
+    Idempotency,
+    MemoryStore,
+    NodekitWarning,
+    open_store,
+    set_default_store,
+)
 
 __version__ = "0.1.0.dev0"
 
@@ -41,20 +50,28 @@ __all__ = [
     "ContextFilter",
     "Effect",
     "Event",
+    "Flow",
     "FlowError",
+    "Idempotency",
     "IdempotencyCorruptRecord",
     "IdempotencyInProgress",
     "IdempotencyLeaseLost",
     "IdempotencyMismatch",
     "IdempotencyStoreError",
+    "MapResult",
+    "MemoryStore",
     "Metrics",
     "Node",
     "NodeContext",
     "NodeMetrics",
     "NodeTimeout",
     "NodekitError",
+    "NodekitWarning",
     "OutcomeUnknown",
+    "PostgresStore",
+    "RedisStore",
     "Retry",
+    "SQLiteStore",
     "Sink",
     "Timeout",
     "UnsafeRetry",
@@ -64,8 +81,19 @@ __all__ = [
     "context",
     "managed",
     "node",
+    "open_store",
     "override",
     "remove_sink",
     "resource",
+    "set_default_store",
     "use",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # durable stores import their drivers (sqlite3, redis, psycopg) only when asked for
+    if name in ("SQLiteStore", "RedisStore", "PostgresStore"):
+        from . import idempotency
+
+        return getattr(idempotency, name)
+    raise AttributeError(f"module 'nodekit' has no attribute {name!r}")

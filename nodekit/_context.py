@@ -45,19 +45,17 @@ _CURRENT: contextvars.ContextVar[NodeContext | None] = contextvars.ContextVar(
 # default processor chain) adds node, run_id and attempt to the user's own log lines.
 _LOG_NODE: contextvars.ContextVar[Any] = contextvars.ContextVar("structlog_node", default=...)
 _LOG_RUN: contextvars.ContextVar[Any] = contextvars.ContextVar("structlog_run_id", default=...)
-_LOG_ATTEMPT: contextvars.ContextVar[Any] = contextvars.ContextVar(
-    "structlog_attempt", default=...
-)
+_LOG_ATTEMPT: contextvars.ContextVar[Any] = contextvars.ContextVar("structlog_attempt", default=...)
 # A run id set by a flow (or by `run_id()`) for every node called inside it.
 _RUN_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("nodekit_run_id", default=None)
 
 _counter = itertools.count(1)
-_prefix = os.urandom(5).hex()
+_prefix = os.urandom(5).hex() + "-"
 
 
 def _reseed() -> None:
     global _prefix, _counter
-    _prefix = os.urandom(5).hex()
+    _prefix = os.urandom(5).hex() + "-"
     _counter = itertools.count(1)
 
 
@@ -66,7 +64,17 @@ os.register_at_fork(after_in_child=_reseed)
 
 def new_run_id() -> str:
     """A process-unique, cheap run id (random per process, then a counter)."""
-    return f"{_prefix}-{next(_counter):x}"
+    return _prefix + format(next(_counter), "x")
+
+
+def bind_run_id(ctx: NodeContext) -> str:
+    """`ctx.run_id`, computed inline (the structlog fast path binds it on every call)."""
+    parent = ctx.parent
+    run_id = parent.run_id if parent is not None else _RUN_ID.get()
+    if run_id is None:
+        run_id = _prefix + format(next(_counter), "x")
+    ctx._run_id = run_id
+    return run_id
 
 
 class NodeContext:
@@ -86,6 +94,7 @@ class NodeContext:
         "deadline",
         "epoch",
         "idempotency_key",
+        "lease",
         "parent",
         "replayed",
     )
@@ -108,11 +117,10 @@ class NodeContext:
     def run_id(self) -> str:
         run_id = self._run_id
         if run_id is None:
-            if self.parent is not None:
-                run_id = self.parent.run_id
-            else:
-                run_id = _RUN_ID.get() or new_run_id()
-            self._run_id = run_id
+            parent = self.parent
+            run_id = self._run_id = (
+                parent.run_id if parent is not None else (_RUN_ID.get() or new_run_id())
+            )
         return run_id
 
     def next_attempt(self) -> None:

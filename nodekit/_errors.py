@@ -102,9 +102,13 @@ class CircuitOpen(NodekitError):
 
 
 class FlowError(NodekitError):
-    """A flow failed: carries the state as it stood, the completed nodes and the failing node."""
+    """A flow failed: carries the state as it stood, the completed nodes and the failing node.
+
+    `field` names the state field at fault when the failure was an invalid update.
+    """
 
     state: Any = None
     completed: tuple[str, ...] = ()
     failed: str | None = None
+    field: str | None = None
     run_id: str | None = None

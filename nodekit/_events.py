@@ -69,7 +69,14 @@ _LEVELS: dict[str, int] = {
     "idempotency.outcome_unknown": ERROR,
     "idempotency.store_error": ERROR,
     "idempotency.heartbeat": DEBUG,
+    "http.response": DEBUG,
+    "files.put": DEBUG,
+    "files.write": DEBUG,
 }
+
+
+# fields that stay in process: a flow's state holds the user's payload
+_UNLOGGED = frozenset({"state"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +109,8 @@ class Event:
         raise KeyError(name)
 
     def as_dict(self) -> dict[str, Any]:
-        """The event's loggable fields (without the exception object)."""
+        """The event's loggable fields: without the exception object, and without values that
+        may carry payloads (a flow's final ``state``), which in-process sinks still get."""
         out: dict[str, Any] = {"node": self.node}
         if self.run_id is not None:
             out["run_id"] = self.run_id
@@ -114,7 +122,9 @@ class Event:
             out["wait"] = round(self.wait, 6)
         if self.error is not None:
             out["error"] = self.error
-        out.update(self.fields)
+        for name, value in self.fields.items():
+            if name not in _UNLOGGED:
+                out[name] = value
         return out
 
 
@@ -290,8 +300,14 @@ class Metrics:
         with self._lock:
             return {
                 node: NodeMetrics(
-                    s.calls, s.successes, s.failures, s.retries, s.timeouts, s.replays,
-                    s.latency_total, s.latency_max,
+                    s.calls,
+                    s.successes,
+                    s.failures,
+                    s.retries,
+                    s.timeouts,
+                    s.replays,
+                    s.latency_total,
+                    s.latency_max,
                 )
                 for node, s in self._nodes.items()
             }

@@ -21,13 +21,23 @@ from typing import TYPE_CHECKING, Any
 
 from ._context import NodeContext
 from ._errors import ConfigError, NodeTimeout, UnsafeRetry
-from ._events import emit, observed
+from ._events import DEBUG, HUB, emit, observed
+from ._events import _is_enabled_for as _debug
 from ._policies import AMBIGUOUS, PERMANENT, Effect, classify, retry_after
 
 if TYPE_CHECKING:
     from ._node import NodeSpec
 
-__all__ = ["CLOCK", "Attempts", "retry_async", "retry_sync", "run_async", "run_sync"]
+__all__ = [
+    "CLOCK",
+    "Attempts",
+    "call_async",
+    "call_sync",
+    "retry_async",
+    "retry_sync",
+    "run_async",
+    "run_sync",
+]
 
 
 class _Clock:
@@ -120,9 +130,6 @@ class Attempts:
             exhausted = attempt >= plan.attempts
         if exhausted:
             self._give_up(exc, "retries exhausted")
-        unsafe = kind == AMBIGUOUS and spec.effect is Effect.WRITE and not spec.keyed
-        if unsafe and not plan.explicit:
-            self._unsafe(exc)
         hint = retry_after(exc)
         if hint is not None:
             wait = min(hint, plan.max_wait)
@@ -133,6 +140,11 @@ class Attempts:
         remaining = ctx.remaining()
         if remaining is not None and wait >= remaining:
             self._give_up(exc, f"deadline: {remaining:.3f}s left, next wait {wait:.3f}s")
+        # Only a retry that would really happen is refused: out of attempts or of time, the
+        # original error is raised, as for any other error.
+        unsafe = kind == AMBIGUOUS and spec.effect is Effect.WRITE and not spec.replay_safe
+        if unsafe and not plan.explicit:
+            self._unsafe(exc)
         if unsafe:
             emit(
                 "node.retry_unsafe",
@@ -231,7 +243,9 @@ class _Box:
         self.error: BaseException | None = None
 
 
-def _attempt_in_thread(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any, budget: float) -> Any:
+def _attempt_in_thread(
+    spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any, budget: float
+) -> Any:
     """Run one sync attempt in a worker thread; give control back at `budget` seconds."""
     box = _Box()
     copied = contextvars.copy_context()
@@ -260,8 +274,16 @@ def _attempt_in_thread(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any,
                 hook(ctx, box.error is None, box.result, box.error)
 
     worker = threading.Thread(target=target, name=f"nodekit:{spec.name}", daemon=True)
-    worker.start()
-    if not box.done.wait(budget):
+    # The attempt's deadline is the context's while it runs, so that remaining() inside it
+    # (nested nodes, integrations passing it down) includes the per-attempt budget.
+    saved = ctx.deadline
+    ctx.deadline = _attempt_deadline(saved, budget)
+    try:
+        worker.start()
+        finished = box.done.wait(budget)
+    finally:
+        ctx.deadline = saved
+    if not finished:
         with box.lock:
             if not box.done.is_set():
                 box.abandoned = True
@@ -305,6 +327,18 @@ def run_sync(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any) -> Any:
         return result
 
 
+def call_sync(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any) -> Any:
+    """The attempt loop, entered only on the first failure when nothing needs the full one."""
+    if spec.threaded or HUB.sinks or _debug(DEBUG):
+        return run_sync(spec, ctx, args, kwargs)
+    try:
+        return spec.fn(*args, **kwargs)
+    except Exception as exc:
+        if spec.retry is None:
+            raise
+        return retry_sync(spec, ctx, args, kwargs, exc)
+
+
 def retry_sync(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any, exc: Exception) -> Any:
     """Continue the loop after the fast path's first attempt failed."""
     loop = Attempts(spec, ctx, announce=False)
@@ -327,11 +361,15 @@ def retry_sync(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any, exc: Ex
 # ---------------------------------------------------------------------------- async driver
 
 
-async def _attempt_with_timeout(fn: Any, args: Any, kwargs: Any, budget: float, spec: NodeSpec, ctx: NodeContext) -> Any:
+async def _attempt_with_timeout(
+    fn: Any, args: Any, kwargs: Any, budget: float, spec: NodeSpec, ctx: NodeContext
+) -> Any:
     """Run one async attempt; cancel it at `budget` seconds."""
     if budget <= 0.0:
         raise _deadline_error(spec, ctx)
     timer = asyncio.timeout(budget)
+    saved = ctx.deadline
+    ctx.deadline = _attempt_deadline(saved, budget)  # see _attempt_in_thread
     try:
         async with timer:
             return await fn(*args, **kwargs)
@@ -344,6 +382,8 @@ async def _attempt_with_timeout(fn: Any, args: Any, kwargs: Any, budget: float, 
             node=spec.name,
             timeout=budget,
         ) from exc
+    finally:
+        ctx.deadline = saved
 
 
 async def run_async(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any) -> Any:
@@ -371,7 +411,21 @@ async def run_async(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any) ->
         return result
 
 
-async def retry_async(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any, exc: Exception) -> Any:
+async def call_async(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any) -> Any:
+    """The async twin of `call_sync`."""
+    if spec.threaded or HUB.sinks or _debug(DEBUG):
+        return await run_async(spec, ctx, args, kwargs)
+    try:
+        return await spec.fn(*args, **kwargs)
+    except Exception as exc:
+        if spec.retry is None:
+            raise
+        return await retry_async(spec, ctx, args, kwargs, exc)
+
+
+async def retry_async(
+    spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any, exc: Exception
+) -> Any:
     """Continue the loop after the fast path's first attempt failed."""
     loop = Attempts(spec, ctx, announce=False)
     wait = loop.failed(exc)
@@ -390,10 +444,15 @@ async def retry_async(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any, 
         return result
 
 
+def _attempt_deadline(total: float | None, budget: float) -> float:
+    own = time.monotonic() + budget
+    return own if total is None or own < total else total
+
+
 def _deadline_error(spec: NodeSpec, ctx: NodeContext) -> NodeTimeout:
     return NodeTimeout(
         f"node {spec.name!r}: the deadline passed before attempt {ctx.attempt} could start",
         node=spec.name,
         timeout=0.0,
+        nodekit_kind="safe",  # nothing ran: unlike other timeouts, not ambiguous
     )
-

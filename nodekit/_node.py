@@ -12,13 +12,15 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
-from collections.abc import Callable, Coroutine
+import time
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, Generic, ParamSpec, Protocol, TypeVar, overload
 
 from . import _context, _events
-from ._context import NodeContext, Resource
+from ._context import _LOG_ATTEMPT, _LOG_NODE, _LOG_RUN, NodeContext, Resource
 from ._errors import ConfigError
-from ._execution import retry_async, retry_sync, run_async, run_sync
+from ._execution import call_async, call_sync, retry_async, retry_sync
+from ._map import MapResult, attach_map
 from ._policies import (
     Effect,
     Retry,
@@ -35,22 +37,31 @@ __all__ = ["Node", "NodeSpec", "node"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
-R_co = TypeVar("R_co", covariant=True)
 
 _OPTIONS = ("name", "retry", "timeout", "effect", "idempotency")
 
 
-class Node(Protocol, Generic[P, R_co]):
+class Node(Protocol, Generic[P, R]):
     """A decorated function: called exactly like the original, plus `fn`, `name`, `options`."""
 
-    fn: Callable[P, R_co]
+    fn: Callable[P, R]
     name: str
     effect: Effect
     spec: NodeSpec
 
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R_co: ...
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R: ...
 
-    def options(self, **changes: Any) -> Node[P, R_co]: ...
+    def options(self, **changes: Any) -> Node[P, R]: ...
+
+    def map(self, items: Iterable[Any], /, *, concurrency: int | None = None) -> MapResult[Any]:
+        """Call the node once per item (threads; see `nodekit._map`); results in input order."""
+        ...
+
+    def amap(
+        self, items: Iterable[Any], /, *, concurrency: int | None = None
+    ) -> Coroutine[Any, Any, MapResult[Any]]:
+        """Await the node once per item (tasks, or threads for a sync node), in input order."""
+        ...
 
 
 class NodeSpec:
@@ -59,6 +70,8 @@ class NodeSpec:
     __slots__ = (
         "attempt_timeout",
         "config",
+        "drive_async",
+        "drive_sync",
         "effect",
         "fn",
         "idempotency",
@@ -67,6 +80,7 @@ class NodeSpec:
         "name",
         "named",
         "on_abandoned_finish",
+        "replay_safe",
         "resources",
         "retry",
         "return_type",
@@ -103,13 +117,25 @@ class NodeSpec:
         self.return_type = _return_type(fn)
         self.on_abandoned_finish: Callable[..., None] | None = None
         self.idempotency: Any = None
+        # what runs a call once its context is set: the attempt loop, or the keyed call
+        self.drive_sync: Callable[..., Any] = call_sync
+        self.drive_async: Callable[..., Coroutine[Any, Any, Any]] = call_async
         self.keyed = False
+        # True when a repeated effect is harmless (a key guards it): ambiguous errors retry.
+        # nodekit.sql sets it for its transactions, whose key lives in the user's database.
+        self.replay_safe = False
         idem = config.get("idempotency")
         if idem is not None:
             from .idempotency._policy import compile_idempotency
+            from .idempotency._run import idempotent_async, idempotent_sync, on_abandoned_finish
+
+            self.drive_sync = idempotent_sync
+            self.drive_async = idempotent_async
 
             self.idempotency = compile_idempotency(idem, self)
             self.keyed = True
+            self.replay_safe = True
+            self.on_abandoned_finish = on_abandoned_finish
 
     def __repr__(self) -> str:
         return f"NodeSpec({self.name!r}, effect={self.effect!r}, async={self.is_async})"
@@ -260,8 +286,6 @@ def _async_wrapper(spec: NodeSpec) -> Callable[..., Coroutine[Any, Any, Any]]:
 
 
 def _new_context(spec: NodeSpec) -> NodeContext:
-    import time
-
     parent = _context._CURRENT.get()
     deadline = None if parent is None else parent.deadline
     total = spec.total_timeout
@@ -272,25 +296,28 @@ def _new_context(spec: NodeSpec) -> NodeContext:
 
 
 def _bind_log(ctx: NodeContext) -> tuple[Any, ...] | None:
+    """Bind node, run_id and attempt for structlog on the observed path (events are on)."""
     if "structlog" not in sys.modules:
         return None
     return (
-        _context._LOG_NODE.set(ctx.node),
-        _context._LOG_RUN.set(ctx.run_id),
-        _context._LOG_ATTEMPT.set(ctx.attempt),
+        _LOG_NODE.set(ctx.node),
+        _LOG_RUN.set(ctx.run_id),
+        _LOG_ATTEMPT.set(ctx.attempt),
     )
 
 
 def _unbind_log(tokens: tuple[Any, ...] | None) -> None:
     if tokens is not None:
-        _context._LOG_ATTEMPT.reset(tokens[2])
-        _context._LOG_RUN.reset(tokens[1])
-        _context._LOG_NODE.reset(tokens[0])
+        _LOG_ATTEMPT.reset(tokens[2])
+        _LOG_RUN.reset(tokens[1])
+        _LOG_NODE.reset(tokens[0])
 
 
 def _logged_sync(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any) -> Any:
     """The fast path with node, run_id and attempt bound for structlog's merge_contextvars."""
-    tokens = _bind_log(ctx)
+    t_node = _LOG_NODE.set(spec.name)
+    t_run = _LOG_RUN.set(_context.bind_run_id(ctx))
+    t_attempt = _LOG_ATTEMPT.set(1)
     try:
         try:
             return spec.fn(*args, **kwargs)
@@ -299,11 +326,15 @@ def _logged_sync(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any) -> An
                 raise
             return retry_sync(spec, ctx, args, kwargs, exc)
     finally:
-        _unbind_log(tokens)
+        _LOG_ATTEMPT.reset(t_attempt)
+        _LOG_RUN.reset(t_run)
+        _LOG_NODE.reset(t_node)
 
 
 async def _logged_async(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any) -> Any:
-    tokens = _bind_log(ctx)
+    t_node = _LOG_NODE.set(spec.name)
+    t_run = _LOG_RUN.set(_context.bind_run_id(ctx))
+    t_attempt = _LOG_ATTEMPT.set(1)
     try:
         try:
             return await spec.fn(*args, **kwargs)
@@ -312,7 +343,9 @@ async def _logged_async(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any
                 raise
             return await retry_async(spec, ctx, args, kwargs, exc)
     finally:
-        _unbind_log(tokens)
+        _LOG_ATTEMPT.reset(t_attempt)
+        _LOG_RUN.reset(t_run)
+        _LOG_NODE.reset(t_node)
 
 
 def _observed_sync(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any) -> Any:
@@ -321,11 +354,7 @@ def _observed_sync(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any) -> 
         if spec.resources:
             kwargs = dict(kwargs)
             _context.inject(spec.name, spec.resources, kwargs)
-        if spec.keyed:
-            from .idempotency._run import idempotent_sync
-
-            return idempotent_sync(spec, ctx, args, kwargs)
-        return run_sync(spec, ctx, args, kwargs)
+        return spec.drive_sync(spec, ctx, args, kwargs)
     finally:
         _unbind_log(tokens)
 
@@ -336,11 +365,7 @@ async def _observed_async(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: A
         if spec.resources:
             kwargs = dict(kwargs)
             await _context.ainject(spec.name, spec.resources, kwargs)
-        if spec.keyed:
-            from .idempotency._run import idempotent_async
-
-            return await idempotent_async(spec, ctx, args, kwargs)
-        return await run_async(spec, ctx, args, kwargs)
+        return await spec.drive_async(spec, ctx, args, kwargs)
     finally:
         _unbind_log(tokens)
 
@@ -349,8 +374,11 @@ def _build(fn: Callable[..., Any], config: dict[str, Any]) -> Any:
     _check_callable(fn)
     unknown = set(config) - set(_OPTIONS)
     if unknown:
+        label = config.get("name") or getattr(fn, "__qualname__", None) or type(fn).__qualname__
         raise ConfigError(
-            f"nk.node got unknown option(s) {sorted(unknown)}; options are {list(_OPTIONS)}",
+            f"node {label!r}: nk.node got unknown option(s) {sorted(unknown)}; options are "
+            f"{list(_OPTIONS)}",
+            node=label,
             option=sorted(unknown)[0],
         )
     spec = NodeSpec(fn, config)
@@ -358,7 +386,7 @@ def _build(fn: Callable[..., Any], config: dict[str, Any]) -> Any:
     try:
         functools.update_wrapper(wrapper, fn)
     except AttributeError:  # pragma: no cover - callables without __name__ etc.
-        wrapper.__wrapped__ = fn  # type: ignore[attr-defined]
+        setattr(wrapper, "__wrapped__", fn)  # noqa: B010
     if not hasattr(fn, "__name__"):
         wrapper.__name__ = spec.name
         wrapper.__qualname__ = spec.name
@@ -371,6 +399,7 @@ def _build(fn: Callable[..., Any], config: dict[str, Any]) -> Any:
     }
     for key, value in attrs.items():
         setattr(wrapper, key, value)
+    attach_map(wrapper, spec)
     return wrapper
 
 
@@ -410,11 +439,7 @@ def node(fn: Callable[..., Any] | None = None, /, **config: Any) -> Any:
         return _build(fn, {})
 
     def decorate(target: Callable[..., Any]) -> Any:
+        # Options are checked here, not above, so that the error can name the node.
         return _build(target, dict(config))
 
-    for key in config:
-        if key not in _OPTIONS:
-            raise ConfigError(
-                f"nk.node got unknown option {key!r}; options are {list(_OPTIONS)}", option=key
-            )
     return decorate

@@ -15,7 +15,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal, TypeAlias
 
@@ -119,6 +119,10 @@ _BY_NAME: dict[tuple[str, str], Kind] = {
     ("httpx", "RemoteProtocolError"): AMBIGUOUS,
     ("httpx", "CloseError"): AMBIGUOUS,
     ("httpx", "TransportError"): AMBIGUOUS,
+    # httpx: the request was refused before it was sent, and would be refused again
+    ("httpx", "UnsupportedProtocol"): PERMANENT,
+    ("httpx", "LocalProtocolError"): PERMANENT,
+    ("httpx", "ProxyError"): SAFE,
     # redis-py
     ("redis", "BusyLoadingError"): SAFE,
     ("redis", "TryAgainError"): SAFE,
@@ -240,14 +244,17 @@ def parse_retry_after(value: object, *, now: float | None = None) -> float | Non
     except (TypeError, ValueError, IndexError):
         return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    current = datetime.now(timezone.utc).timestamp() if now is None else now
+        when = when.replace(tzinfo=UTC)
+    current = datetime.now(UTC).timestamp() if now is None else now
     return max(0.0, when.timestamp() - current)
 
 
 # ---------------------------------------------------------------------------- compilation
 
-def seconds(value: Seconds | None, *, node: str, option: str, allow_none: bool = True) -> float | None:
+
+def seconds(
+    value: Seconds | None, *, node: str, option: str, allow_none: bool = True
+) -> float | None:
     """Normalise a time option to float seconds; `ConfigError` naming node and option."""
     if value is None:
         if allow_none:
@@ -290,7 +297,7 @@ class RetryPlan:
     def backoff(self, failures: int) -> float:
         base = self.initial * self.multiplier ** (failures - 1)
         if self.jitter:
-            base += random.uniform(0.0, self.jitter)  # noqa: S311 - jitter, not security
+            base += random.uniform(0.0, self.jitter)  # jitter, not security
         return min(base, self.max_wait)
 
 
@@ -309,7 +316,11 @@ def compile_retry(retry: Retry | bool | None, *, node: str) -> RetryPlan | None:
             node=node,
             option="retry",
         )
-    if not isinstance(retry.attempts, int) or isinstance(retry.attempts, bool) or retry.attempts < 1:
+    if (
+        not isinstance(retry.attempts, int)
+        or isinstance(retry.attempts, bool)
+        or retry.attempts < 1
+    ):
         raise ConfigError(
             f"node {node!r}: retry.attempts must be an int >= 1, got {retry.attempts!r}",
             node=node,
@@ -339,7 +350,8 @@ def compile_retry(retry: Retry | bool | None, *, node: str) -> RetryPlan | None:
             node=node,
             option="retry.multiplier",
         )
-    assert initial is not None and max_wait is not None
+    assert initial is not None
+    assert max_wait is not None
     if max_wait < initial:
         raise ConfigError(
             f"node {node!r}: retry.max_wait ({max_wait}) is shorter than retry.initial ({initial})",
@@ -451,4 +463,3 @@ def compile_effect(effect: Any, *, node: str) -> Effect:
 
 def monotonic() -> float:
     return time.monotonic()
-

@@ -15,11 +15,14 @@ from typing import Any
 from .._context import override
 from .._events import Event, add_sink
 from .._execution import CLOCK
+from ._server import FaultPlan, LocalAPI
 
 __all__ = [
     "Events",
+    "FaultPlan",
     "Flaky",
     "Instant",
+    "LocalAPI",
     "capture_events",
     "instant",
     "override",

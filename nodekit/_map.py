@@ -1,0 +1,254 @@
+"""`node.map(items)` and `await node.amap(items)`: one node over many inputs, bounded.
+
+Each item is one ordinary call of the node (its retries, timeout, key and events apply per
+item). Results come back in input order in a `MapResult`; an item's failure is recorded beside
+the others' results instead of losing them. `map` runs sync nodes in worker threads (each
+item in a copy of the caller's contextvars) and async nodes on a private event loop; `amap`
+runs async nodes as tasks and sync nodes through `asyncio.to_thread`, never blocking the loop.
+
+`LoopRunner` lives here because sync-mode flows use it too: it runs coroutines from sync code,
+on a private loop in the calling thread, or in a helper thread when this thread already runs
+a loop (so a sync call works from inside async code).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import threading
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from ._errors import ConfigError
+
+if TYPE_CHECKING:
+    from ._node import NodeSpec
+
+__all__ = ["LoopRunner", "MapResult", "attach_map", "map_async", "map_sync"]
+
+T = TypeVar("T")
+
+_DEFAULT_THREADS = 32
+
+
+@dataclass(frozen=True, slots=True)
+class MapResult(Generic[T]):
+    """The outcome of `node.map` / `node.amap`, in input order.
+
+    `results[i]` is item i's return value, or None when it failed; `errors` maps the index of
+    every failed item to its exception (the user's own exception, never wrapped). `unwrap()`
+    returns the plain list of results, or raises an `ExceptionGroup` of every failure.
+    """
+
+    results: tuple[T | None, ...]
+    errors: Mapping[int, Exception] = field(default_factory=lambda: MappingProxyType({}))
+    node: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """True when every item succeeded."""
+        return not self.errors
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    def __iter__(self) -> Iterator[T | None]:
+        return iter(self.results)
+
+    def unwrap(self) -> list[T]:
+        """Every result, in input order; raises an `ExceptionGroup` if any item failed."""
+        if self.errors:
+            indices = sorted(self.errors)
+            shown = ", ".join(str(i) for i in indices[:10]) + (", ..." if len(indices) > 10 else "")
+            raise ExceptionGroup(
+                f"node {self.node!r} failed for {len(indices)} of {len(self.results)} items "
+                f"(items {shown})",
+                [self.errors[i] for i in indices],
+            )
+        return list(self.results)  # type: ignore[arg-type]
+
+    def __repr__(self) -> str:
+        return (
+            f"MapResult(node={self.node!r}, items={len(self.results)}, "
+            f"failed={sorted(self.errors)})"
+        )
+
+
+def _limit(concurrency: int | None, node: str) -> int | None:
+    if concurrency is None:
+        return None
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise ConfigError(
+            f"node {node!r}: map concurrency must be a positive int or None, got {concurrency!r}",
+            node=node,
+            option="concurrency",
+        )
+    return concurrency
+
+
+def _result(node: str, results: list[Any], errors: dict[int, Exception]) -> MapResult[Any]:
+    return MapResult(tuple(results), MappingProxyType(errors), node)
+
+
+def map_sync(
+    call: Callable[..., Any],
+    spec: NodeSpec,
+    items: Iterable[Any],
+    /,
+    *,
+    concurrency: int | None = None,
+) -> MapResult[Any]:
+    """Call the node once per item; sync nodes in up to `concurrency` threads (default 32)."""
+    limit = _limit(concurrency, spec.name)
+    values = list(items)
+    if spec.is_async:
+        runner = LoopRunner()
+        try:
+            return runner.run(map_async(call, spec, values, concurrency=limit))
+        finally:
+            runner.close()
+    results: list[Any] = [None] * len(values)
+    errors: dict[int, Exception] = {}
+    workers = min(limit or _DEFAULT_THREADS, len(values))
+    if workers <= 1:
+        for index, item in enumerate(values):
+            try:
+                results[index] = call(item)
+            except Exception as exc:
+                errors[index] = exc
+        return _result(spec.name, results, errors)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"nodekit-map:{spec.name}")
+    try:
+        # each item runs in its own copy of the caller's context (run id, resources)
+        futures: list[Future[Any]] = [
+            pool.submit(contextvars.copy_context().run, call, item) for item in values
+        ]
+        for index, future in enumerate(futures):
+            try:
+                results[index] = future.result()
+            except Exception as exc:
+                errors[index] = exc
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return _result(spec.name, results, errors)
+
+
+async def map_async(
+    call: Callable[..., Any],
+    spec: NodeSpec,
+    items: Iterable[Any],
+    /,
+    *,
+    concurrency: int | None = None,
+) -> MapResult[Any]:
+    """Await the node once per item, at most `concurrency` at a time (default: all at once).
+
+    Async nodes run as tasks; sync nodes in worker threads (`asyncio.to_thread`, contextvars
+    kept; the loop's default executor bounds how many run at once). Cancelling the caller
+    cancels every item still running.
+    """
+    limit = _limit(concurrency, spec.name)
+    values = list(items)
+    results: list[Any] = [None] * len(values)
+    errors: dict[int, Exception] = {}
+    if not values:
+        return _result(spec.name, results, errors)
+    pending = iter(enumerate(values))
+    is_async = spec.is_async
+
+    async def worker() -> None:
+        # workers share one iterator: at most `limit` items are in flight at any time
+        for index, item in pending:
+            try:
+                if is_async:
+                    results[index] = await call(item)
+                else:
+                    results[index] = await asyncio.to_thread(call, item)
+            except Exception as exc:
+                errors[index] = exc
+
+    count = min(limit or len(values), len(values))
+    tasks = [asyncio.ensure_future(worker()) for _ in range(count)]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    return _result(spec.name, results, errors)
+
+
+def attach_map(wrapper: Any, spec: NodeSpec) -> None:
+    """Give a node its `map` and `amap` methods (called once, at decoration time)."""
+    wrapper.map = functools.partial(map_sync, wrapper, spec)
+    wrapper.amap = functools.partial(map_async, wrapper, spec)
+
+
+# ---------------------------------------------------------------------------- loop runner
+
+
+class LoopRunner:
+    """Run coroutines to completion from sync code, on a private event loop.
+
+    The loop is created on first use: in the calling thread when no loop runs there, else in
+    a helper thread (a thread whose loop is running cannot run another). Coroutines run in a
+    copy of the caller's contextvars. `close()` shuts the loop down (async generators, the
+    default executor) and must be called once the owner is done.
+    """
+
+    __slots__ = ("_loop", "_runner", "_thread")
+
+    def __init__(self) -> None:
+        self._runner: asyncio.Runner | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self._runner is None and self._loop is None:
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                self._runner = asyncio.Runner()
+            else:
+                self._start_thread()
+        if self._runner is not None:
+            return self._runner.run(coro)
+        assert self._loop is not None
+        # run_coroutine_threadsafe schedules in a copy of this thread's context
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def _start_thread(self) -> None:
+        loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        def main() -> None:
+            asyncio.set_event_loop(loop)
+            loop.call_soon(ready.set)
+            try:
+                loop.run_forever()
+            finally:
+                try:
+                    loop.run_until_complete(loop.shutdown_asyncgens())
+                    loop.run_until_complete(loop.shutdown_default_executor())
+                finally:
+                    loop.close()
+
+        thread = threading.Thread(target=main, name="nodekit-loop", daemon=True)
+        thread.start()
+        ready.wait()
+        self._loop, self._thread = loop, thread
+
+    def close(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            runner.close()
+        loop, thread = self._loop, self._thread
+        self._loop = self._thread = None
+        if loop is not None and thread is not None:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join()

@@ -1,0 +1,396 @@
+"""`Idempotency`, the policy a node declares, and its compiled form.
+
+Policy lives on the node, never on the store (rule 27). Compilation at decoration time checks
+every option, names the namespace (node name and version), works out which arguments the key
+function takes and which make up the payload fingerprint, derives the lease from the node's
+time budget (rule 11) and checks that the return type can be stored as JSON (rule 19).
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from .._context import _OVERRIDES, _RESOURCES
+from .._errors import ConfigError
+from .._policies import Effect, Seconds, seconds
+from ._keys import canonical, digest, dumps
+from ._open import default_store
+from ._store import RecordKey
+
+if TYPE_CHECKING:
+    from .._node import NodeSpec
+
+__all__ = ["Codec", "Idempotency", "IdempotencyPlan", "NodekitWarning", "compile_idempotency"]
+
+_KEY_TEXT = re.compile(r"^[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?$")
+MAX_KEY_LENGTH = 255
+
+
+class NodekitWarning(UserWarning):
+    """A configuration that works but is likely to hurt later."""
+
+
+class Codec(Protocol):
+    """Transforms stored JSON text (encrypt, compress); `decode(encode(t)) == t`."""
+
+    def encode(self, text: str) -> str: ...
+
+    def decode(self, text: str) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Idempotency:
+    """Run a node's effect once per key; duplicates get the stored result.
+
+    `key` is a callable over the node's arguments (it receives the parameters it names), or
+    omitted for a fingerprint of all bound arguments (resources excluded). The payload
+    fingerprint covers all bound arguments, or only `fields`; the same key with another
+    payload raises `IdempotencyMismatch` before anything runs. `scope` (a string or a callable
+    like `key`) keeps equal keys of two tenants apart. `version` is the one way to re-execute
+    completed keys on purpose. `ttl` (default 24 h) is how long a completed result is replayed;
+    `lease` how long an in-progress holder is trusted without a heartbeat (default: the node's
+    time budget plus a margin). `on_conflict="wait"` waits up to `wait_timeout` for another
+    holder's result instead of raising `IdempotencyInProgress`. `cache_errors` lists business
+    errors that are stored and re-raised on replay. `delivery="at_most_once"` refuses to take
+    over a key whose holder vanished mid-call (`OutcomeUnknown`) until it is resolved.
+    `store` is a store or a URL (`nk.open_store`); default: the `idempotency_store` resource,
+    else the process default (`nk.set_default_store`, a `MemoryStore` unless set).
+    """
+
+    key: Callable[..., Any] | None = None
+    store: Any = None
+    ttl: Seconds = timedelta(hours=24)
+    on_conflict: Literal["raise", "wait"] = "raise"
+    version: str | int | None = None
+    scope: str | Callable[..., Any] | None = None
+    cache_errors: tuple[type[BaseException], ...] = ()
+    delivery: Literal["at_least_once", "at_most_once"] | None = None
+    codec: Codec | None = None
+    lease: Seconds | None = None
+    wait_timeout: Seconds | None = None
+    optional: bool = False
+    fields: Sequence[str] | None = None
+    secret: bytes | str | None = None
+    on_replay: Callable[[Any], None] | None = None
+
+
+def _picker(
+    fn: Callable[..., Any] | None, node: str, option: str, params: dict[str, inspect.Parameter]
+) -> tuple[str, ...] | None:
+    """Which node parameters `fn` takes by name (None: it takes them all, as keywords)."""
+    if fn is None:
+        return None
+    if not callable(fn):
+        raise ConfigError(
+            f"node {node!r}: {option} must be a callable, got {fn!r}", node=node, option=option
+        )
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    names: list[str] = []
+    for param in sig.parameters.values():
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            return None
+        if param.kind is inspect.Parameter.VAR_POSITIONAL:
+            raise ConfigError(
+                f"node {node!r}: {option} takes the node's parameters by name; *args is not allowed",
+                node=node,
+                option=option,
+            )
+        if param.name not in params:
+            raise ConfigError(
+                f"node {node!r}: {option} takes parameter {param.name!r}, which the node does "
+                f"not have (it has {list(params)})",
+                node=node,
+                option=option,
+            )
+        names.append(param.name)
+    return tuple(names)
+
+
+class IdempotencyPlan:
+    """A validated `Idempotency` bound to one node."""
+
+    def __init__(self, policy: Idempotency, spec: NodeSpec) -> None:
+        node = spec.name
+        self.policy = policy
+        self.node = node
+        if spec.signature is None:
+            raise ConfigError(
+                f"node {node!r}: idempotency needs the function's signature",
+                node=node,
+                option="idempotency",
+            )
+        self.signature = spec.signature
+        resource_names = {param for param, _ in spec.resources}
+        self.params = {
+            n: p for n, p in spec.signature.parameters.items() if n not in resource_names
+        }
+        self.resource_params = resource_names
+        kinds = {p.kind for p in spec.signature.parameters.values()}
+        plain = kinds <= {
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            inspect.Parameter.KEYWORD_ONLY,
+        }
+        self._positional: tuple[str, ...] | None = (
+            tuple(
+                n
+                for n, p in spec.signature.parameters.items()
+                if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+            )
+            if plain
+            else None
+        )
+        self._defaults = tuple(
+            (n, p.default)
+            for n, p in self.params.items()
+            if p.default is not inspect.Parameter.empty
+        )
+        self.key_params = _picker(policy.key, node, "idempotency.key", self.params)
+        self.scope_params = (
+            _picker(policy.scope, node, "idempotency.scope", self.params)
+            if callable(policy.scope)
+            else None
+        )
+        if (
+            policy.scope is not None
+            and not callable(policy.scope)
+            and not isinstance(policy.scope, str)
+        ):
+            raise ConfigError(
+                f"node {node!r}: idempotency.scope must be a string or a callable, got {policy.scope!r}",
+                node=node,
+                option="idempotency.scope",
+            )
+        if policy.fields is not None:
+            if isinstance(policy.fields, str):
+                raise ConfigError(
+                    f"node {node!r}: idempotency.fields must be a list of parameter names",
+                    node=node,
+                    option="idempotency.fields",
+                )
+            for name in policy.fields:
+                if name not in self.params:
+                    raise ConfigError(
+                        f"node {node!r}: idempotency.fields names {name!r}, which is not a parameter",
+                        node=node,
+                        option="idempotency.fields",
+                    )
+        self.fields = tuple(policy.fields) if policy.fields is not None else None
+        if policy.on_conflict not in ("raise", "wait"):
+            raise ConfigError(
+                f"node {node!r}: idempotency.on_conflict must be 'raise' or 'wait', got {policy.on_conflict!r}",
+                node=node,
+                option="idempotency.on_conflict",
+            )
+        delivery = policy.delivery or "at_least_once"
+        if delivery not in ("at_least_once", "at_most_once"):
+            raise ConfigError(
+                f"node {node!r}: idempotency.delivery must be 'at_least_once' or 'at_most_once', "
+                f"got {policy.delivery!r}",
+                node=node,
+                option="idempotency.delivery",
+            )
+        self.takeover = delivery == "at_least_once"
+        self.delivery = delivery
+        ttl = seconds(policy.ttl, node=node, option="idempotency.ttl", allow_none=False)
+        assert ttl is not None
+        self.ttl = ttl
+        self.lease = seconds(policy.lease, node=node, option="idempotency.lease") or _default_lease(
+            spec
+        )
+        self.wait_timeout = (
+            seconds(policy.wait_timeout, node=node, option="idempotency.wait_timeout") or self.lease
+        )
+        for error in policy.cache_errors if isinstance(policy.cache_errors, tuple) else [None]:
+            if not (isinstance(error, type) and issubclass(error, Exception)):
+                raise ConfigError(
+                    f"node {node!r}: idempotency.cache_errors must be a tuple of exception types, "
+                    f"got {policy.cache_errors!r}",
+                    node=node,
+                    option="idempotency.cache_errors",
+                )
+        self.cache_errors = policy.cache_errors
+        if policy.version is not None and not isinstance(policy.version, str | int):
+            raise ConfigError(
+                f"node {node!r}: idempotency.version must be a string or an int",
+                node=node,
+                option="idempotency.version",
+            )
+        self.namespace = node if policy.version is None else f"{node}@v{policy.version}"
+        secret = policy.secret
+        self.secret = secret.encode() if isinstance(secret, str) else secret
+        if policy.codec is not None and not (
+            callable(getattr(policy.codec, "encode", None))
+            and callable(getattr(policy.codec, "decode", None))
+        ):
+            raise ConfigError(
+                f"node {node!r}: idempotency.codec must have encode() and decode()",
+                node=node,
+                option="idempotency.codec",
+            )
+        self.codec = policy.codec
+        self.optional = bool(policy.optional)
+        self.on_replay = policy.on_replay
+        self.store_option = policy.store
+        self._store: Any = None
+        if policy.store is not None and not isinstance(policy.store, str):
+            _check_store(policy.store, node, spec.is_async)
+        if spec.effect is Effect.WRITE and not spec.named:
+            warnings.warn(
+                f"node {node!r} is a WRITE node with idempotency but no explicit name: its keys "
+                "are namespaced by the function's qualified name, which changes if the function "
+                "is renamed or moved. Pass @nk.node(name=...)",
+                NodekitWarning,
+                stacklevel=5,
+            )
+        from ._codec import ResultCodec
+
+        self.results = ResultCodec(spec.return_type, node, self.codec, self.cache_errors)
+
+    # ------------------------------------------------------------------ per call
+
+    def store(self) -> Any:
+        if self.store_option is not None:
+            if self._store is None:
+                if isinstance(self.store_option, str):
+                    from ._open import open_store
+
+                    self._store = open_store(self.store_option)
+                else:
+                    self._store = self.store_option
+            return self._store
+        slot = _OVERRIDES.get().get("idempotency_store") or _RESOURCES.get().get(
+            "idempotency_store"
+        )
+        if slot is not None:
+            return slot.get()
+        return default_store()
+
+    def _bound(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The call's arguments by name, defaults applied, resources left out."""
+        names = self._positional
+        if names is not None and len(args) <= len(names):
+            # the plain signature's fast path: no *args, no **kwargs, no positional-only
+            arguments = dict(zip(names, args, strict=False))
+            for name in self.resource_params:  # a resource may be passed positionally
+                arguments.pop(name, None)
+            for name, value in kwargs.items():
+                if name in self.resource_params:
+                    continue
+                if name in arguments or name not in self.params:
+                    break  # let inspect produce the proper TypeError
+                arguments[name] = value
+            else:
+                for name, default in self._defaults:
+                    if name not in arguments:
+                        arguments[name] = default
+                return arguments
+        clean = {k: v for k, v in kwargs.items() if k not in self.resource_params}
+        try:
+            bound = self.signature.bind_partial(*args, **clean)
+        except TypeError as exc:
+            raise TypeError(f"node {self.node!r}: {exc}") from None
+        bound.apply_defaults()
+        return {k: v for k, v in bound.arguments.items() if k not in self.resource_params}
+
+    def key_for(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[RecordKey, str] | None:
+        """The record key and payload fingerprint of one call (None: optional and no key)."""
+        arguments = self._bound(args, kwargs)
+        policy = self.policy
+        try:
+            if policy.key is None:
+                material: Any = arguments
+            else:
+                material = _call_with(policy.key, self.key_params, arguments)
+            if material is None or material == "":
+                if self.optional:
+                    return None
+                raise ConfigError(
+                    f"node {self.node!r}: idempotency.key returned {material!r}; a WRITE without a "
+                    "key would not be protected (pass Idempotency(optional=True) to run unkeyed)",
+                    node=self.node,
+                    option="idempotency.key",
+                )
+            if isinstance(material, str) and (
+                len(material) > MAX_KEY_LENGTH or not _KEY_TEXT.match(material)
+            ):
+                raise ConfigError(
+                    f"node {self.node!r}: idempotency key must be 1-{MAX_KEY_LENGTH} printable "
+                    f"ASCII characters without surrounding spaces (got {len(material)} characters)",
+                    node=self.node,
+                    option="idempotency.key",
+                )
+            scope = policy.scope
+            if callable(scope):
+                scope = _call_with(scope, self.scope_params, arguments)
+            scope_text = "" if scope is None else str(scope)
+            if self.fields is None:
+                every = canonical(arguments)
+                fingerprint = digest(dumps(every), self.secret)
+                material = every if policy.key is None else canonical(material)
+            else:
+                subset = {f: arguments.get(f) for f in self.fields}
+                fingerprint = digest(dumps(canonical(subset)), self.secret)
+                material = canonical(material)
+            key_text = dumps([self.namespace, scope_text, material])
+        except TypeError as exc:
+            raise ConfigError(
+                f"node {self.node!r}: {exc}", node=self.node, option="idempotency.key"
+            ) from exc
+        scope_digest = digest(scope_text, self.secret)[:32] if scope_text else ""
+        return RecordKey(self.namespace, scope_digest, digest(key_text, self.secret)), fingerprint
+
+
+def _call_with(
+    fn: Callable[..., Any], names: tuple[str, ...] | None, arguments: dict[str, Any]
+) -> Any:
+    if names is None:
+        return fn(**arguments)
+    return fn(**{name: arguments[name] for name in names if name in arguments})
+
+
+def _check_store(store: Any, node: str, is_async: bool) -> None:
+    ops = ["acquire", "complete", "release", "renew", "get"]
+    if is_async:  # an async node awaits the async half; without it every call would fail
+        ops += ["aacquire", "acomplete", "arelease", "arenew", "aget"]
+    missing = [op for op in ops if not callable(getattr(store, op, None))]
+    if missing:
+        raise ConfigError(
+            f"node {node!r}: idempotency.store must be a store (MemoryStore, SQLiteStore, "
+            f"RedisStore, PostgresStore) or a URL, got {store!r} (it lacks {', '.join(missing)})",
+            node=node,
+            option="idempotency.store",
+        )
+
+
+def _default_lease(spec: NodeSpec) -> float:
+    """The node's whole time budget plus a margin (rule 11); a heartbeat renews it anyway."""
+    if spec.total_timeout is not None:
+        budget = spec.total_timeout
+    elif spec.attempt_timeout is not None:
+        attempts = spec.retry.attempts if spec.retry else 1
+        waits = (attempts - 1) * spec.retry.max_wait if spec.retry else 0.0
+        budget = attempts * spec.attempt_timeout + waits
+    else:
+        return 60.0
+    return budget * 1.25 + 5.0
+
+
+def compile_idempotency(policy: Any, spec: NodeSpec) -> IdempotencyPlan:
+    if not isinstance(policy, Idempotency):
+        raise ConfigError(
+            f"node {spec.name!r}: idempotency must be a nk.Idempotency, got {policy!r}",
+            node=spec.name,
+            option="idempotency",
+        )
+    return IdempotencyPlan(policy, spec)

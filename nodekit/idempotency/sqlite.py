@@ -1,0 +1,258 @@
+"""`SQLiteStore`: the embedded default for anything durable.
+
+One file, WAL mode, safe for many threads and many processes on one host: every acquire is a
+``BEGIN IMMEDIATE`` transaction (one writer at a time) that reads the record, applies the same
+decision as every other store, and writes. Each thread has its own connection; the async
+methods run in worker threads and never block the event loop.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import replace
+from typing import Any
+
+from .._errors import ConfigError
+from ._base import ThreadedAsync, acquisition, completed
+from ._store import FORMAT_VERSION, IN_PROGRESS, Acquisition, Clock, Record, RecordKey, wall_clock
+
+__all__ = ["SQLiteStore"]
+
+_COLUMNS = (
+    "namespace, scope, key_digest, fingerprint, state, owner_token, epoch, "
+    "lease_expires_at, created_at, expires_at, result, error, format_version"
+)
+
+
+class SQLiteStore(ThreadedAsync):
+    """Idempotency records in a SQLite file (created with its schema if missing).
+
+    `synchronous` is SQLite's durability setting: ``"NORMAL"`` (default) survives any process
+    crash, SIGKILL included; ``"FULL"`` also survives power loss. `clock` is injectable.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        table: str = "nodekit_idempotency",
+        synchronous: str = "NORMAL",
+        busy_timeout: float = 10.0,
+        clock: Clock | None = None,
+    ) -> None:
+        if not table.replace("_", "").isalnum():
+            raise ConfigError(
+                f"SQLiteStore table name {table!r} must be alphanumeric", option="table"
+            )
+        if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+            raise ConfigError(
+                f"SQLiteStore synchronous={synchronous!r} is not a SQLite level",
+                option="synchronous",
+            )
+        self.path = os.fspath(path)
+        self.table = table
+        self._synchronous = synchronous.upper()
+        self._busy_ms = int(busy_timeout * 1000)
+        self._clock = clock or wall_clock
+        self._local = threading.local()
+        self._all: list[tuple[sqlite3.Connection, threading.Lock]] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        with self._tx() as conn:
+            conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {table} ("
+                "namespace TEXT NOT NULL, scope TEXT NOT NULL, key_digest TEXT NOT NULL, "
+                "fingerprint TEXT NOT NULL, state TEXT NOT NULL, owner_token TEXT NOT NULL, "
+                "epoch INTEGER NOT NULL, lease_expires_at REAL NOT NULL, created_at REAL NOT NULL, "
+                "expires_at REAL NOT NULL, result TEXT, error TEXT, format_version INTEGER NOT NULL, "
+                "PRIMARY KEY (namespace, scope, key_digest)) WITHOUT ROWID"
+            )
+            conn.execute(f"CREATE INDEX IF NOT EXISTS {table}_expires ON {table} (expires_at)")
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS nodekit_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)"
+            )
+            conn.execute(
+                "INSERT OR IGNORE INTO nodekit_meta (name, value) VALUES ('format_version', ?)",
+                (str(FORMAT_VERSION),),
+            )
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({self.path!r})"
+
+    # ------------------------------------------------------------------ connections
+
+    def _conn(self) -> tuple[sqlite3.Connection, threading.Lock]:
+        """This thread's connection and its lock (held while the connection is in use)."""
+        held: tuple[sqlite3.Connection, threading.Lock] | None = getattr(self._local, "conn", None)
+        if held is None:
+            if self._closed:
+                raise sqlite3.ProgrammingError("SQLiteStore is closed")
+            conn = sqlite3.connect(
+                self.path,
+                isolation_level=None,
+                check_same_thread=False,
+                timeout=self._busy_ms / 1000,
+            )
+            conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
+            for _ in range(50):
+                try:
+                    conn.execute("PRAGMA journal_mode = WAL")
+                    break
+                except sqlite3.OperationalError:
+                    time.sleep(0.02)
+            conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+            held = (conn, threading.Lock())
+            self._local.conn = held
+            with self._lock:
+                self._all.append(held)
+        return held
+
+    @contextmanager
+    def _use(self) -> Iterator[sqlite3.Connection]:
+        # Each thread has its own connection; the lock only stops `close()` (from another
+        # thread) from closing a connection in the middle of a statement.
+        conn, lock = self._conn()
+        with lock:
+            if self._closed:
+                raise sqlite3.ProgrammingError("SQLiteStore is closed")
+            yield conn
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._use() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def _read(self, conn: sqlite3.Connection, key: RecordKey) -> Record | None:
+        row = conn.execute(
+            f"SELECT {_COLUMNS} FROM {self.table} WHERE namespace = ? AND scope = ? AND key_digest = ?",
+            (key.namespace, key.scope, key.digest),
+        ).fetchone()
+        return None if row is None else Record(*row)
+
+    def _write(self, conn: sqlite3.Connection, record: Record) -> None:
+        conn.execute(
+            f"INSERT OR REPLACE INTO {self.table} ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                record.namespace,
+                record.scope,
+                record.key_digest,
+                record.fingerprint,
+                record.state,
+                record.owner_token,
+                record.epoch,
+                record.lease_expires_at,
+                record.created_at,
+                record.expires_at,
+                record.result,
+                record.error,
+                record.format_version,
+            ),
+        )
+
+    # ------------------------------------------------------------------ protocol
+
+    def acquire(
+        self, key: RecordKey, fingerprint: str, *, lease: float, ttl: float, takeover: bool = True
+    ) -> Acquisition:
+        with self._tx() as conn:
+            now = self._clock()
+            answer, record = acquisition(
+                key, self._read(conn, key), fingerprint, now, lease, ttl, takeover
+            )
+            if record is not None:
+                self._write(conn, record)
+            return answer
+
+    def complete(
+        self, key: RecordKey, token: str, *, result: str | None, error: str | None, ttl: float
+    ) -> bool:
+        with self._tx() as conn:
+            record = self._read(conn, key)
+            if record is None or record.owner_token != token or record.state != IN_PROGRESS:
+                return False
+            self._write(conn, completed(record, result, error, self._clock(), ttl))
+            return True
+
+    def release(self, key: RecordKey, token: str) -> bool:
+        with self._use() as conn:
+            cur = conn.execute(
+                f"DELETE FROM {self.table} WHERE namespace = ? AND scope = ? AND key_digest = ? "
+                "AND owner_token = ? AND state = ?",
+                (key.namespace, key.scope, key.digest, token, IN_PROGRESS),
+            )
+            return cur.rowcount == 1
+
+    def renew(self, key: RecordKey, token: str, *, lease: float) -> bool:
+        with self._tx() as conn:
+            record = self._read(conn, key)
+            if record is None or record.owner_token != token or record.state != IN_PROGRESS:
+                return False
+            now = self._clock()
+            self._write(
+                conn,
+                replace(
+                    record,
+                    lease_expires_at=now + lease,
+                    expires_at=max(record.expires_at, now + lease),
+                ),
+            )
+            return True
+
+    def get(self, key: RecordKey) -> Record | None:
+        with self._use() as conn:
+            return self._read(conn, key)
+
+    def delete(self, key: RecordKey) -> bool:
+        with self._use() as conn:
+            cur = conn.execute(
+                f"DELETE FROM {self.table} WHERE namespace = ? AND scope = ? AND key_digest = ?",
+                (key.namespace, key.scope, key.digest),
+            )
+            return cur.rowcount == 1
+
+    def stats(self) -> dict[tuple[str, str], int]:
+        """How many records each namespace holds, per state (for the command line)."""
+        with self._use() as conn:
+            rows = conn.execute(
+                f"SELECT namespace, state, COUNT(*) FROM {self.table} GROUP BY namespace, state"
+            ).fetchall()
+        return {(namespace, state): count for namespace, state, count in rows}
+
+    def purge_expired(self) -> int:
+        """Delete expired records (garbage collection); returns how many went."""
+        now = self._clock()
+        with self._use() as conn:
+            cur = conn.execute(
+                f"DELETE FROM {self.table} WHERE expires_at <= ? "
+                "AND NOT (state = ? AND lease_expires_at > ?)",
+                (now, IN_PROGRESS, now),
+            )
+            return cur.rowcount
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            conns, self._all = self._all, []
+        for conn, lock in conns:
+            with lock, suppress(sqlite3.Error):  # waits for a statement in flight to finish
+                conn.close()
+        self._local = threading.local()
+
+    def _put(self, record: Record) -> None:
+        """Write a record as is (tests use it to plant corrupt or foreign records)."""
+        with self._tx() as conn:
+            self._write(conn, record)
+
+    def _raw(self) -> Any:
+        return self._conn()[0]

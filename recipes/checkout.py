@@ -1,0 +1,520 @@
+"""Checkout: reserve stock, charge the payment, send the receipt, write the audit line.
+
+The flagship recipe: one `nk.Flow` per order, four nodes, each touching the world in its own
+way and each made safe to repeat:
+
+- ``reserve_stock``: a SQL write, exactly once (`nodekit.sql.transactional`: the key's row
+  commits with the stock update);
+- ``charge_payment``: an HTTP POST, keyed (`nk.Idempotency`), sending a stable
+  ``Idempotency-Key`` (`nodekit.http`) so the payment API charges once even when a response is
+  lost after the charge was made;
+- ``send_receipt``: an HMAC-signed webhook, keyed the same way;
+- ``write_audit``: the audit record, written atomically and idempotently (`nodekit.files`).
+
+Every run has a run id (``checkout:<order id>``) and a durable journal (SQLite by default), so
+running an order again — after a crash, or on purpose — replays what completed and runs only
+the rest. Sync mode runs orders one after the other; async mode runs them concurrently.
+
+    python -m recipes.checkout --orders 50 --faults 0.2 --mode async
+    python -m recipes.checkout --demo          # what `make demo` runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import shutil
+import sys
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import httpx
+from pydantic import BaseModel
+
+import nodekit as nk
+from nodekit import files, sql
+from nodekit import http as nkhttp
+
+from ._common import api_base, connect, data_dir, parser
+
+__all__ = ["Order", "build_flow", "main", "make_orders", "run_orders"]
+
+WEBHOOK_SECRET = "checkout-demo-secret"
+RETRY = nk.Retry(attempts=8, initial=0.05, multiplier=2.0, max_wait=1.0, jitter=0.05)
+HTTP_TIMEOUT = nk.Timeout(attempt=0.5, total=15)
+# The demo always meets the ambiguous case: the charge is made, then the connection drops
+# before the answer arrives. Only the Idempotency-Key keeps the retry from charging again.
+DEMO_SCRIPT = {"POST /charges": [None, "drop_after", None, None, "503", None, "drop_after", "429"]}
+
+
+class Order(BaseModel):
+    """The flow's state: the order, then what each node added to it."""
+
+    order_id: str
+    sku: str
+    qty: int
+    amount_cents: int
+    remaining_stock: int | None = None
+    charge_id: str | None = None
+    receipt: str | None = None
+    audit_file: str | None = None
+
+
+class OutOfStock(Exception):
+    """Not enough stock: a business error, never retried."""
+
+
+def make_orders(count: int, *, prefix: str = "o") -> list[Order]:
+    """A deterministic batch of orders over three SKUs."""
+    skus = ("sku-red", "sku-green", "sku-blue")
+    return [
+        Order(
+            order_id=f"{prefix}-{i:04d}",
+            sku=skus[i % len(skus)],
+            qty=1 + i % 3,
+            amount_cents=500 + 125 * (i % 7),
+        )
+        for i in range(1, count + 1)
+    ]
+
+
+# ---------------------------------------------------------------------------- the database
+
+
+def _q(db: Any, statement: str) -> str:
+    """Our statements use ``?`` placeholders; psycopg wants ``%s``."""
+    return statement if type(db).__module__.startswith("sqlite3") else statement.replace("?", "%s")
+
+
+def prepare_database(db: Any, skus: Sequence[str], stock: int) -> None:
+    """Create the stock table and give every SKU `stock` units if it has none yet."""
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS checkout_stock (sku TEXT PRIMARY KEY, qty INTEGER NOT NULL)"
+    )
+    for sku in skus:
+        db.execute(
+            _q(
+                db,
+                "INSERT INTO checkout_stock (sku, qty) VALUES (?, ?) ON CONFLICT (sku) DO NOTHING",
+            ),
+            (sku, stock),
+        )
+    if type(db).__module__.startswith("sqlite3"):
+        db.commit()
+
+
+@sql.transactional(name="reserve_stock", key=lambda order_id: order_id, retry=RETRY)
+def reserve_stock(order_id: str, sku: str, qty: int, *, db: Any = nk.resource()) -> dict[str, int]:
+    """Take `qty` units of `sku`; exactly once per order, whatever retries or resumes do."""
+    cur = db.execute(
+        _q(db, "UPDATE checkout_stock SET qty = qty - ? WHERE sku = ? AND qty >= ?"),
+        (qty, sku, qty),
+    )
+    if cur.rowcount != 1:
+        raise OutOfStock(f"order {order_id}: not enough {sku}")
+    row = db.execute(_q(db, "SELECT qty FROM checkout_stock WHERE sku = ?"), (sku,)).fetchone()
+    return {"remaining_stock": int(row[0])}
+
+
+# ---------------------------------------------------------------------------- HTTP nodes
+
+
+def _signed(body: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
+    data = json.dumps(body, sort_keys=True).encode()
+    signature = "sha256=" + hmac.new(WEBHOOK_SECRET.encode(), data, hashlib.sha256).hexdigest()
+    return data, {"X-Signature": signature, "Content-Type": "application/json"}
+
+
+_keyed = nk.Idempotency(key=lambda order_id: order_id)
+
+
+@nk.node(name="charge_payment", retry=RETRY, timeout=HTTP_TIMEOUT, idempotency=_keyed)
+def charge_payment(
+    order_id: str, amount_cents: int, *, http: httpx.Client = nk.resource()
+) -> dict[str, str]:
+    """Charge the order once: the same Idempotency-Key on every attempt and resume."""
+    response = nkhttp.post(http, "/charges", json={"order_id": order_id, "amount": amount_cents})
+    return {"charge_id": str(response.json()["id"])}
+
+
+@nk.node(name="send_receipt", retry=RETRY, timeout=HTTP_TIMEOUT, idempotency=_keyed)
+def send_receipt(
+    order_id: str, charge_id: str, *, http: httpx.Client = nk.resource()
+) -> dict[str, str]:
+    """Deliver the signed receipt webhook once."""
+    body, headers = _signed({"order_id": order_id, "charge_id": charge_id})
+    response = nkhttp.post(http, "/webhooks/receipts", content=body, headers=headers)
+    return {"receipt": "replayed" if nkhttp.replayed(response) else "delivered"}
+
+
+@nk.node(name="charge_payment", retry=RETRY, timeout=HTTP_TIMEOUT, idempotency=_keyed)
+async def acharge_payment(
+    order_id: str, amount_cents: int, *, ahttp: httpx.AsyncClient = nk.resource()
+) -> dict[str, str]:
+    """The async twin of `charge_payment` (same name: the same keys, the same records)."""
+    response = await nkhttp.apost(
+        ahttp, "/charges", json={"order_id": order_id, "amount": amount_cents}
+    )
+    return {"charge_id": str(response.json()["id"])}
+
+
+@nk.node(name="send_receipt", retry=RETRY, timeout=HTTP_TIMEOUT, idempotency=_keyed)
+async def asend_receipt(
+    order_id: str, charge_id: str, *, ahttp: httpx.AsyncClient = nk.resource()
+) -> dict[str, str]:
+    """The async twin of `send_receipt`."""
+    body, headers = _signed({"order_id": order_id, "charge_id": charge_id})
+    response = await nkhttp.apost(ahttp, "/webhooks/receipts", content=body, headers=headers)
+    return {"receipt": "replayed" if nkhttp.replayed(response) else "delivered"}
+
+
+# ---------------------------------------------------------------------------- the audit file
+
+
+@nk.node(name="write_audit", retry=nk.Retry(attempts=3, initial=0.05))
+def write_audit(state: Order, *, audit_dir: Path = nk.resource()) -> dict[str, str]:
+    """One audit record per order, written atomically; writing it again changes nothing."""
+    path = audit_dir / f"{state.order_id}.json"
+    record = state.model_dump(exclude={"audit_file", "receipt"})
+    files.put(path, json.dumps(record, sort_keys=True, indent=2) + "\n")
+    return {"audit_file": str(path)}
+
+
+# ---------------------------------------------------------------------------- the flow
+
+
+def build_flow(mode: str, db_factory: Callable[[], Any]) -> nk.Flow:
+    """The checkout flow; async mode uses the async HTTP nodes (the SQL and file nodes are
+    sync and run in worker threads, never blocking the loop)."""
+    flow = nk.Flow("checkout", state=Order, resources={"db": db_factory})
+    charge: Any = acharge_payment if mode == "async" else charge_payment
+    receipt: Any = asend_receipt if mode == "async" else send_receipt
+    flow.add(reserve_stock)
+    flow.add(charge, after=[reserve_stock.name])
+    flow.add(receipt, after=["charge_payment"])
+    flow.add(write_audit, after=["send_receipt"])
+    return flow
+
+
+def _db_factory(db_url: str | None, default: Path) -> Callable[[], Any]:
+    """One connection per run: concurrent runs never share a transaction."""
+
+    def open_db() -> Any:
+        return contextlib.closing(connect(db_url, default))
+
+    return open_db
+
+
+def run_orders(
+    orders: Sequence[Order],
+    *,
+    mode: str,
+    api_url: str,
+    journal: Any,
+    db_factory: Callable[[], Any],
+    audit_dir: Path,
+    concurrency: int = 16,
+) -> dict[str, Any]:
+    """Run every order's checkout (resuming any earlier run of the same order).
+
+    Returns ``{order_id: final Order or the FlowError}``.
+    """
+    flow = build_flow(mode, db_factory)
+    outcomes: dict[str, Any] = {}
+    idempotency = journal  # one durable store for the journal and the HTTP nodes' keys
+    if mode == "sync":
+        with (
+            httpx.Client(base_url=api_url, timeout=5.0) as client,
+            nk.use(http=client, audit_dir=audit_dir, idempotency_store=idempotency),
+        ):
+            for order in orders:
+                try:
+                    outcomes[order.order_id] = flow.run(
+                        order, run_id=f"checkout:{order.order_id}", store=journal
+                    )
+                except nk.FlowError as exc:
+                    outcomes[order.order_id] = exc
+        return outcomes
+
+    async def run_all() -> None:
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        async with httpx.AsyncClient(base_url=api_url, timeout=5.0, limits=limits) as client:
+            gate = asyncio.Semaphore(concurrency)
+
+            async def one(order: Order) -> None:
+                async with gate:
+                    try:
+                        outcomes[order.order_id] = await flow.arun(
+                            order, run_id=f"checkout:{order.order_id}", store=journal
+                        )
+                    except nk.FlowError as exc:
+                        outcomes[order.order_id] = exc
+
+            with nk.use(ahttp=client, audit_dir=audit_dir, idempotency_store=idempotency):
+                await asyncio.gather(*(one(order) for order in orders))
+
+    asyncio.run(run_all())
+    return outcomes
+
+
+# ---------------------------------------------------------------------------- progress view
+
+
+class Progress:
+    """An event sink that prints one line per finished node, as the run goes.
+
+    It is a plain consumer of nodekit's one event stream: the attempts and errors it shows
+    are the ``node.retrying`` events of that node in that run.
+    """
+
+    def __init__(self, out: TextIO = sys.stdout, *, quiet: bool = False) -> None:
+        self.out = out
+        self.quiet = quiet
+        self.lock = threading.Lock()
+        self.retries: dict[tuple[str | None, str | None], list[str]] = defaultdict(list)
+        self.faults: Counter[str] = Counter()
+        self.skipped: dict[str | None, list[str]] = defaultdict(list)
+        self.replayed = 0
+        self.finished = 0
+
+    def __call__(self, event: nk.Event) -> None:
+        name = event.name
+        if name == "node.retrying":
+            reason = _reason(event)
+            with self.lock:
+                self.retries[(event.run_id, event.node)].append(reason)
+                self.faults[reason] += 1
+        elif name == "flow.node_finished":
+            with self.lock:
+                errors = self.retries.pop((event.run_id, event.node), [])
+                self.finished += 1
+            took = f"{(event.duration or 0.0) * 1000:6.1f} ms"
+            detail = took + (
+                f"  {len(errors) + 1} attempts: " + ", ".join(errors) if errors else ""
+            )
+            self._line(event, f"{event.node:<15} {detail}")
+        elif name == "flow.node_skipped":
+            with self.lock:
+                self.replayed += 1
+                self.skipped[event.run_id].append(event.node or "?")
+        elif name == "flow.finished":
+            with self.lock:
+                skipped = self.skipped.pop(event.run_id, [])
+            if skipped:
+                self._line(event, f"replayed from the journal: {', '.join(skipped)}")
+        elif name == "flow.failed":
+            self._line(event, f"FAILED at {event.fields.get('failed')}: {event.error}")
+
+    def _line(self, event: nk.Event, text: str) -> None:
+        if self.quiet:
+            return
+        order = (event.run_id or "").removeprefix("checkout:")
+        with self.lock:
+            print(f"  {order:<7} {text}", file=self.out, flush=True)
+
+
+def _reason(event: nk.Event) -> str:
+    exc = event.exc
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if status is not None:
+        return str(status)
+    if isinstance(exc, nk.NodeTimeout):
+        return "timeout"
+    if isinstance(exc, nk.IdempotencyInProgress):
+        return "409 in progress"
+    if type(exc).__name__ in ("RemoteProtocolError", "ReadError", "ConnectError"):
+        return "connection dropped"
+    return type(exc).__name__ if exc is not None else "error"
+
+
+# ---------------------------------------------------------------------------- the command line
+
+
+def _charges(api: Any) -> Counter[Any]:
+    if api is None:
+        return Counter()
+    return Counter(
+        entry.data.get("order_id") for entry in api.ledger.find(route="POST /charges", effect=True)
+    )
+
+
+def _summary(
+    out: TextIO,
+    outcomes: dict[str, Any],
+    metrics: nk.Metrics,
+    progress: Progress,
+    elapsed: float,
+    api: Any,
+    charged_before: int,
+) -> None:
+    ok = sum(1 for value in outcomes.values() if isinstance(value, Order))
+    print(f"\n  {ok} of {len(outcomes)} orders completed in {elapsed:.2f} s", file=out)
+    snapshot = metrics.snapshot()
+    if any(stats.calls for stats in snapshot.values()):
+        header = f"  {'node':<15} {'calls':>6} {'retries':>8} {'timeouts':>9} {'mean ms':>8}"
+        print(header, file=out)
+        for name, stats in sorted(snapshot.items()):
+            print(
+                f"  {name:<15} {stats.calls:>6} {stats.retries:>8} {stats.timeouts:>9} "
+                f"{stats.latency_mean * 1000:>8.1f}",
+                file=out,
+            )
+    if progress.replayed:
+        print(f"  node results replayed from the journal: {progress.replayed}", file=out)
+    if api is not None:
+        faults = Counter(entry.fault for entry in api.ledger if entry.fault)
+        if faults:
+            met = ", ".join(f"{kind} x{count}" for kind, count in sorted(faults.items()))
+            print(f"  faults the local API injected so far: {met}", file=out)
+        charged = _charges(api)
+        twice = [order for order, count in charged.items() if count > 1]
+        print(
+            f"  charges in the API's ledger: {sum(charged.values())} for {len(charged)} orders, "
+            f"{sum(charged.values()) - charged_before} new in this pass"
+            f" ({'no order charged twice' if not twice else f'CHARGED TWICE: {twice}'})",
+            file=out,
+        )
+    failures = {order: value for order, value in outcomes.items() if not isinstance(value, Order)}
+    for order, error in sorted(failures.items())[:5]:
+        print(f"  {order}: {error}", file=out)
+
+
+def _run_pass(
+    title: str,
+    args: argparse.Namespace,
+    orders: list[Order],
+    api_url: str,
+    api: Any,
+    journal: Any,
+    out: TextIO,
+) -> dict[str, Any]:
+    print(f"\n{title}", file=out, flush=True)
+    metrics = nk.Metrics()
+    progress = Progress(out, quiet=args.quiet)
+    root = data_dir(args.data_dir)
+    charged_before = sum(_charges(api).values())
+    with _sink(metrics), _sink(progress):
+        started = time.perf_counter()
+        outcomes = run_orders(
+            orders,
+            mode=args.mode,
+            api_url=api_url,
+            journal=journal,
+            db_factory=_db_factory(args.db_url, root / "checkout.sqlite"),
+            audit_dir=data_dir(root / "audit"),
+            concurrency=args.concurrency,
+        )
+        elapsed = time.perf_counter() - started
+    _summary(out, outcomes, metrics, progress, elapsed, api, charged_before)
+    return outcomes
+
+
+def main(argv: Sequence[str] | None = None, *, out: TextIO = sys.stdout) -> int:
+    cli = parser(
+        "checkout", "Reserve stock, charge, send the receipt, write the audit file: once per order."
+    )
+    cli.add_argument(
+        "--orders", type=int, default=20, help="how many orders (default: %(default)s)"
+    )
+    cli.add_argument(
+        "--mode", choices=("sync", "async"), default="sync", help="run mode (default: %(default)s)"
+    )
+    cli.add_argument(
+        "--concurrency",
+        type=int,
+        default=16,
+        help="async mode: orders at once (default: %(default)s)",
+    )
+    cli.add_argument(
+        "--stock", type=int, default=100_000, help="initial units per SKU (default: %(default)s)"
+    )
+    cli.add_argument(
+        "--journal", help="store URL for the run journal and keys (default: sqlite in --data-dir)"
+    )
+    cli.add_argument(
+        "--prefix", default="o", help="order id prefix; reuse it to resume the same orders"
+    )
+    cli.add_argument(
+        "--again", action="store_true", help="run the same orders a second time (all replayed)"
+    )
+    cli.add_argument("--quiet", action="store_true", help="no line per node, only the summaries")
+    cli.add_argument(
+        "--demo",
+        action="store_true",
+        help="the newcomer's tour: faults on, a fresh --data-dir/demo, then the same orders again",
+    )
+    args = cli.parse_args(argv)
+    if args.demo:
+        args.faults = args.faults or 0.25
+        args.again = True
+        args.data_dir = args.data_dir / "demo"
+        shutil.rmtree(args.data_dir, ignore_errors=True)  # a fresh tour every time
+    root = data_dir(args.data_dir)
+    journal = (
+        nk.open_store(args.journal) if args.journal else nk.SQLiteStore(root / "journal.sqlite")
+    )
+    orders = make_orders(args.orders, prefix=args.prefix)
+    with contextlib.closing(connect(args.db_url, root / "checkout.sqlite")) as db:
+        prepare_database(db, sorted({order.sku for order in orders}), args.stock)
+    try:
+        script = DEMO_SCRIPT if args.demo else ()
+        with api_base(
+            args.api_url,
+            faults=args.faults,
+            seed=args.seed,
+            script=script,
+            webhook_secret=WEBHOOK_SECRET,
+        ) as (api_url, api):
+            where = "a local API" if api is not None else api_url
+            faults = (
+                f", failing {args.faults:.0%} of requests"
+                if api is not None and args.faults
+                else ""
+            )
+            print(
+                f"nodekit checkout: {len(orders)} orders, {args.mode} mode, against {where}{faults}",
+                file=out,
+            )
+            if api is not None and args.faults:
+                print(
+                    "  (503 and 429 with Retry-After, answers slower than the 0.5 s timeout, "
+                    "connections dropped before and after the charge was made)",
+                    file=out,
+                )
+            first = _run_pass(
+                "first pass: every node runs", args, orders, api_url, api, journal, out
+            )
+            if args.again:
+                _run_pass(
+                    "second pass: the same run ids again, so every effect is replayed, not repeated",
+                    args,
+                    orders,
+                    api_url,
+                    api,
+                    journal,
+                    out,
+                )
+    finally:
+        journal.close()
+    return 0 if all(isinstance(value, Order) for value in first.values()) else 1
+
+
+@contextlib.contextmanager
+def _sink(target: Any) -> Iterator[Any]:
+    remove = nk.add_sink(target)
+    try:
+        yield target
+    finally:
+        remove()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,128 @@
+"""Store fixtures for the idempotency tests: every built-in store, on a clock the test moves."""
+
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nodekit.idempotency import MemoryStore
+
+STORE_KINDS = ["memory", "sqlite", "redis", "postgres"]
+
+
+class FakeClock:
+    """A store clock that moves only when the test moves it (seconds since the epoch)."""
+
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class Backend:
+    """One kind of store: makes stores on one shared location and reads their rows raw."""
+
+    def __init__(self, kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+        self.kind = kind
+        self.stores: list[Any] = []
+        self.sqlite_path = tmp_path / f"idem-{uuid.uuid4().hex[:8]}.db"
+        self.url = ""
+        self.location = ""
+        if kind == "redis":
+            self.url = request.getfixturevalue("redis_url")
+            self.location = request.getfixturevalue("redis_prefix")
+        elif kind == "postgres":
+            self.url = request.getfixturevalue("postgres_url")
+            self.location = request.getfixturevalue("pg_schema")
+
+    def make(self, clock: Callable[[], float] | None = None) -> Any:
+        """A new store (closed by the fixture) over this backend's records."""
+        if self.kind == "memory":
+            if self.stores:  # one process, one dict: share it like the durable stores do
+                return self.stores[0]
+            store: Any = MemoryStore(clock=clock)
+        elif self.kind == "sqlite":
+            from nodekit.idempotency.sqlite import SQLiteStore
+
+            store = SQLiteStore(self.sqlite_path, clock=clock)
+        elif self.kind == "redis":
+            from nodekit.idempotency.redis import RedisStore
+
+            store = RedisStore(self.url, prefix=self.location, clock=clock)
+        else:
+            from nodekit.idempotency.postgres import PostgresStore
+
+            store = PostgresStore(self.url, schema=self.location, clock=clock)
+        self.stores.append(store)
+        return store
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Every stored record as its raw fields (Redis: the key name too), read around the store."""
+        if self.kind == "memory":
+            return [
+                dataclasses.asdict(record)
+                for store in self.stores
+                for record in store._records.values()
+            ]
+        if self.kind == "sqlite":
+            conn = sqlite3.connect(self.sqlite_path)
+            try:
+                conn.row_factory = sqlite3.Row
+                return [dict(row) for row in conn.execute("SELECT * FROM nodekit_idempotency")]
+            finally:
+                conn.close()
+        if self.kind == "redis":
+            import redis
+
+            client = redis.Redis.from_url(self.url, decode_responses=True)
+            try:
+                return [
+                    {"redis_key": name, **{str(k): v for k, v in client.hgetall(name).items()}}
+                    for name in client.scan_iter(match=self.location + "*")
+                    if name != self.location + "meta"
+                ]
+            finally:
+                client.close()
+        import psycopg
+        from psycopg.rows import dict_row
+
+        with psycopg.connect(self.url, row_factory=dict_row) as pg:
+            return list(pg.execute(f'SELECT * FROM "{self.location}".nodekit_idempotency'))
+
+
+@pytest.fixture
+def fake_clock() -> FakeClock:
+    """A store clock at a fixed instant; `.advance(seconds)` moves it."""
+    return FakeClock()
+
+
+@pytest.fixture(params=STORE_KINDS)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    """Each store kind in turn (Redis and PostgreSQL skip when down), for sync tests."""
+    made = Backend(request.param, request, tmp_path)
+    try:
+        yield made
+    finally:
+        for store in made.stores:
+            store.close()
+
+
+@pytest.fixture(params=STORE_KINDS)
+async def abackend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    """Each store kind in turn, for async tests: stores close on the test's own loop."""
+    made = Backend(request.param, request, tmp_path)
+    try:
+        yield made
+    finally:
+        for store in made.stores:
+            await store.aclose()
