@@ -30,6 +30,7 @@ demo: install
 	$(BIN)/python -m recipes.checkout --demo
 
 bench: install
+	$(BIN)/python -m pip install --quiet -e . --group bench
 	$(BIN)/python -m benchmarks.run
 
 clean:

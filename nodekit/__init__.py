@@ -5,6 +5,8 @@ idempotency keys and structured events, chosen by what the function does to the 
 (`Effect`). Compose nodes into a `Flow` and run it in sync or async mode.
 """
 
+from typing import TYPE_CHECKING
+
 from ._context import NodeContext, context, managed, override, resource, use
 from ._errors import (
     CircuitOpen,
@@ -41,6 +43,11 @@ from .idempotency import (
     open_store,
     set_default_store,
 )
+
+if TYPE_CHECKING:  # imported lazily at run time (see __getattr__), typed here
+    from .idempotency.postgres import PostgresStore
+    from .idempotency.redis import RedisStore
+    from .idempotency.sqlite import SQLiteStore
 
 __version__ = "0.1.0.dev0"
 

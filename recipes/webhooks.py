@@ -7,8 +7,8 @@ id) with `nk.Idempotency`, so:
 - every attempt sends the same ``Idempotency-Key`` (`nodekit.http` derives it from the node's
   key): when an answer is lost after the server accepted the event, the retry is answered
   from the server's record instead of delivering twice;
-- the key's record is kept in a durable store (SQLite in ``--data-dir`` by default): running
-  the program again replays what was delivered, and sends nothing.
+- the key's record is kept in a durable store (``--db-url``; SQLite in ``--data-dir`` by
+  default): running the program again replays what was delivered, and sends nothing.
 
 A target that answers ``410 Gone`` is recorded as gone and gets none of its remaining events.
 Each (target, event) ends as one outcome — ``delivered``, ``replayed`` (the server or the key
@@ -132,7 +132,10 @@ def deliver_all(
                 else:
                     local = _replays(metrics) > before
                     record["outcome"] = "replayed" if local and result == "delivered" else result
-                    record["detail"] = "from the key store" if local else ""
+                    if local:
+                        record["detail"] = "from the key store (delivered by an earlier run)"
+                    elif result == "replayed":
+                        record["detail"] = "the server had it already (an answer was lost)"
                     gone = result == "gone"
             records.append(record)
         files.write_atomic(outcomes_path, "".join(json.dumps(r) + "\n" for r in records))
@@ -165,11 +168,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="local API only: comma-separated targets that answer 410 Gone (default: %(default)s)",
     )
     cli.add_argument(
-        "--store",
-        help="idempotency store URL (sqlite:///..., postgresql://..., redis://...); "
-        "default: sqlite in --data-dir",
-    )
-    cli.add_argument(
         "--outcomes", type=Path, help="JSON-lines outcome file (default: in --data-dir)"
     )
     cli.add_argument(
@@ -184,7 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     events = make_events(args.count)
     outcomes_path: Path = args.outcomes or root / "webhook-outcomes.jsonl"
     outcomes_path.parent.mkdir(parents=True, exist_ok=True)
-    store = nk.open_store(args.store or f"sqlite:///{root / 'webhooks.sqlite'}")
+    # --db-url holds the keys' records: any store URL (sqlite:///, postgresql://, redis://).
+    store = nk.open_store(args.db_url or f"sqlite:///{root / 'webhooks.sqlite'}")
     metrics = nk.Metrics()
     remove_sink = nk.add_sink(metrics)
     started = time.perf_counter()

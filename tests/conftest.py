@@ -82,3 +82,20 @@ def redis_prefix(redis_url: str) -> Iterator[str]:
                 client.delete(*keys)
         finally:
             client.close()
+
+
+@pytest.fixture(autouse=True)
+def _no_abandoned_attempts_leak() -> Iterator[None]:
+    """Wait (briefly) for sync attempts a test abandoned at their timeout to finish.
+
+    Their late `node.abandoned_finished` events would otherwise land in the next test's
+    `capture_events()`: event capture is process-wide, by design.
+    """
+    import threading
+    import time
+
+    yield
+    deadline = time.monotonic() + 5.0
+    for thread in threading.enumerate():
+        if thread.name.startswith("nodekit:") and thread.name != "nodekit:heartbeat":
+            thread.join(max(0.0, deadline - time.monotonic()))

@@ -304,16 +304,21 @@ async def test_timedelta_is_accepted_for_timeouts_async() -> None:
 
 
 def test_timed_out_attempt_emits_timed_out_then_abandoned_finished_events() -> None:
-    @nk.node(timeout=0.05, effect=READ, name="slow")
+    # a name of its own: abandoned attempts of other tests may still report in meanwhile
+    @nk.node(timeout=0.05, effect=READ, name="slow-events-order")
     def slow() -> None:
         time.sleep(0.15)
 
-    with capture_events() as events:
+    with capture_events() as captured:
         with pytest.raises(nk.NodeTimeout):
             slow()
         deadline = time.monotonic() + 2
-        while not events.named("node.abandoned_finished") and time.monotonic() < deadline:
+        while (
+            not captured.for_node("slow-events-order").named("node.abandoned_finished")
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.01)
+    events = captured.for_node("slow-events-order")
     assert events.names() == [
         "node.started",
         "node.timed_out",

@@ -144,6 +144,22 @@ def test_outcomes_file_is_replaced_atomically(
     assert len(lines) == COUNT * 3
 
 
+@pytest.mark.services
+def test_keys_kept_in_postgres_make_the_second_run_send_nothing(
+    api: LocalAPI, tmp_path: Path, postgres_url: str, pg_schema: str, nk_instant: Instant
+) -> None:
+    """``--db-url postgresql://`` keeps the keys' records in PostgreSQL (a fresh schema)."""
+    url = f"{postgres_url}{'&' if '?' in postgres_url else '?'}options=-csearch_path%3D{pg_schema}"
+    assert run(api, tmp_path, "--db-url", url) == 0
+    sent = len(api.ledger)
+    assert run(api, tmp_path, "--db-url", url) == 0
+
+    assert len(api.ledger) == sent
+    assert all(count == 1 for count in delivered(api).values())
+    assert len(delivered(api)) == len(LIVE) * COUNT
+    assert not (tmp_path / "webhooks.sqlite").exists()
+
+
 def test_help_lists_the_flags(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         webhooks.main(["--help"])

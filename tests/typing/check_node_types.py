@@ -6,7 +6,7 @@ Each `assert_type` fails the type check if the decorator lost a parameter or ret
 from __future__ import annotations
 
 from collections.abc import Coroutine
-from typing import Any, assert_type
+from typing import Any, Literal, assert_type
 
 import nodekit as nk
 
@@ -61,3 +61,17 @@ def check_wrong_calls_are_errors() -> None:
     fetch(1).close()  # type: ignore[arg-type]
     x: str = add(1)  # type: ignore[assignment]
     del x
+
+
+def check_flows_and_maps() -> None:
+    flow = nk.Flow("typed")
+    added = flow.add(add, after=[])
+    assert_type(added(1, 2), int)
+
+    @flow.node(after=[added])
+    def total(a: int) -> int:
+        return a
+
+    assert_type(total(3), int)
+    assert_type(add.map([1, 2]).ok, bool)
+    assert_type(nk.Idempotency(key=lambda order: order).on_conflict, Literal["raise", "wait"])
