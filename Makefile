@@ -7,7 +7,8 @@ STAMP := $(VENV)/.nodekit-installed
 .PHONY: install test lint typecheck pytest demo bench clean
 
 $(STAMP): pyproject.toml
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@# (re)create the venv unless it has a working pip: a failed `venv` (no ensurepip) leaves a pip-less one
+	@$(BIN)/python -m pip --version >/dev/null 2>&1 || $(PYTHON) -m venv --clear $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=25.1"
 	$(BIN)/python -m pip install --quiet -e . --group dev
 	@touch $(STAMP)

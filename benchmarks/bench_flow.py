@@ -279,7 +279,7 @@ def wide(cfg: Config, loop: asyncio.AbstractEventLoop) -> dict[str, list[float]]
 
 NK_FRESH = "nodekit `flow.run`, SQLiteStore (`synchronous=NORMAL`, its default)"
 NK_FRESH_FULL = "nodekit `flow.run`, SQLiteStore (`synchronous=FULL`)"
-LG_FRESH = "LangGraph `invoke`, SqliteSaver (`durability=async`, its default)"
+LG_FRESH = 'LangGraph `invoke`, SqliteSaver (`durability="async"`, its default)'
 LG_FRESH_SYNC = 'LangGraph `invoke`, SqliteSaver, `durability="sync"`'
 LG_FRESH_SYNC_NORMAL = (
     'LangGraph `invoke`, SqliteSaver, `durability="sync"`, `PRAGMA synchronous=NORMAL`'
@@ -701,7 +701,8 @@ def durable_notes(durable_t: Durable) -> list[str]:
     more = facts.get("checkpoints after the re-invoke", 0) - checkpoints
     notes += [
         f"LangGraph's SqliteSaver, for one fresh {NODES}-node run: {checkpoints} checkpoints "
-        f"(the input, then one per step) and {facts.get('writes', 0)} rows of node writes, "
+        "(the input, the step from START, then one per node) and "
+        f"{facts.get('writes', 0)} rows of writes (each step's `x` and the edge to the next), "
         "each `put` and `put_writes` committed on its own. `durability` is LangGraph's "
         'setting: `"async"` (its default) writes each checkpoint in the background while the '
         'next step runs; `"sync"` writes it before the next step starts, which is what '

@@ -20,7 +20,7 @@ MODULES: list[str] = [
     "node",
     "idempotency",
     "flow",
-    # "checkout",
+    "checkout",
 ]
 
 

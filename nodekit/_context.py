@@ -240,11 +240,7 @@ class _Slot:
                     option=self.name,
                 )
             else:
-                raise ConfigError(
-                    f"resource {self.name!r}: nk.managed() factory must return a context "
-                    f"manager, got {manager!r}",
-                    option=self.name,
-                )
+                raise self._not_a_manager(manager)
             self.entered = True
             return self.value
 
@@ -275,7 +271,10 @@ class _Slot:
                 "`async with nk.use(...)`",
                 option=self.name,
             )
-        raise ConfigError(
+        raise self._not_a_manager(manager)
+
+    def _not_a_manager(self, manager: Any) -> ConfigError:
+        return ConfigError(
             f"resource {self.name!r}: nk.managed() factory must return a context manager, "
             f"got {manager!r}",
             option=self.name,
@@ -375,8 +374,13 @@ def _missing(node: str, name: str) -> ConfigError:
     )
 
 
+def find_slot(name: str) -> _Slot | None:
+    """The active resource `name` (an override wins over a `use`), or None."""
+    return _OVERRIDES.get().get(name) or _RESOURCES.get().get(name)
+
+
 def lookup_slot(node: str, name: str) -> _Slot:
-    slot = _OVERRIDES.get().get(name) or _RESOURCES.get().get(name)
+    slot = find_slot(name)
     if slot is None:
         raise _missing(node, name)
     return slot

@@ -16,8 +16,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -173,16 +172,6 @@ def remove_sink(sink: Sink) -> None:
                 del sinks[index]
                 break
         HUB.sinks = tuple(sinks)
-
-
-@contextmanager
-def sink(target: Sink) -> Iterator[Sink]:
-    """Register `target` for the duration of a ``with`` block."""
-    remove = add_sink(target)
-    try:
-        yield target
-    finally:
-        remove()
 
 
 def short_error(exc: BaseException, limit: int = 200) -> str:

@@ -53,10 +53,6 @@ class _Clock:
 CLOCK = _Clock()
 
 
-class GaveUp(Exception):
-    """Internal marker: never escapes this module."""
-
-
 class Attempts:
     """The decisions of one logical call's retry loop (no I/O)."""
 
@@ -166,10 +162,6 @@ class Attempts:
             retry_after=hint,
         )
         return wait
-
-    def deadline_passed(self, exc: BaseException) -> bool:
-        remaining = self.ctx.remaining()
-        return remaining is not None and remaining <= 0.0
 
     def _give_up(self, exc: Exception, reason: str | None) -> None:
         spec = self.spec

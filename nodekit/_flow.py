@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import heapq
 import inspect
 import json
@@ -39,12 +40,20 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, overload
 
 from . import _context, _events
-from ._context import _LOG_RUN, Resource, has_resource, lookup_slot, new_run_id
+from ._context import _LOG_RUN, NodeContext, Resource, has_resource, lookup_slot, new_run_id
 from ._errors import ConfigError, FlowError, IdempotencyInProgress, IdempotencyLeaseLost
-from ._events import emit, short_error
+from ._events import emit, observed, short_error
 from ._map import LoopRunner
-from ._node import Node, NodeSpec, _build
+from ._node import (
+    Node,
+    NodeSpec,
+    _build,
+    call_in_context_async,
+    call_in_context_sync,
+    new_context,
+)
 from ._policies import Seconds, seconds
+from .idempotency._policy import NodekitWarning, default_lease
 
 if TYPE_CHECKING:
     from .idempotency._store import Acquisition, Record, RecordKey
@@ -60,9 +69,6 @@ _ON_ERROR = ("cancel", "finish")
 _HEADER_LEASE = 2.0
 _DEFAULT_TTL = timedelta(days=7)
 _FAIL = object()
-_HUB = _events.HUB
-_debug = _events._is_enabled_for
-_DEBUG = _events.DEBUG
 
 
 class _Problem(Exception):
@@ -455,11 +461,13 @@ class _Step:
 
 
 class _Plan:
-    __slots__ = ("order", "outputs", "static")
+    __slots__ = ("journal", "order", "outputs", "static")
 
     def __init__(self, order: list[_Step], outputs: frozenset[str]) -> None:
         self.order = order
         self.outputs = outputs
+        # a durable run's run-independent fingerprints (graph, nodes), computed on first use
+        self.journal: tuple[str, list[str]] | None = None
         # nothing to resolve per run: no parameter depends on the input or on nk.use()
         self.static = all(not step.candidates and not step.needs for step in order)
 
@@ -574,8 +582,7 @@ class Flow:
             call: Any = node
             default_name = spec.name if spec.named else getattr(spec.fn, "__name__", spec.name)
         else:
-            label = name or getattr(node, "__name__", None)
-            call = _build(node, {"name": label} if label else {})
+            call = _as_node(node, name, {})
             spec = call.spec
             default_name = spec.name
         assert isinstance(spec, NodeSpec)
@@ -692,8 +699,7 @@ class Flow:
                 if isinstance(getattr(target, "spec", None), NodeSpec):
                     made = typing.cast(Any, target).options(**options)
                 else:
-                    label = name or getattr(target, "__name__", None)
-                    made = _build(target, {"name": label, **options} if label else dict(options))
+                    made = _as_node(target, name, options)
             return self.add(made, after=after, output=output, name=name, version=version)
 
         return decorate(fn) if fn is not None else decorate
@@ -759,7 +765,7 @@ class Flow:
         self._check_writers(steps)
         for step in steps:
             self._bind_plan(step, outputs)
-            step.lease = self.lease or _node_lease(step.spec)
+            step.lease = self.lease or default_lease(step.spec)
             plan_idem = step.spec.idempotency
             step.ttl = getattr(plan_idem, "ttl", None) if plan_idem is not None else None
         plan = self._plan = _Plan(steps, outputs)
@@ -1027,6 +1033,12 @@ class Flow:
                     await task
 
 
+def _as_node(fn: Callable[..., Any], name: str | None, options: dict[str, Any]) -> Any:
+    """A plain function made a node, named after its step (else its ``__name__``)."""
+    label = name or getattr(fn, "__name__", None)
+    return _build(fn, {"name": label, **options} if label else dict(options))
+
+
 def _find_cycle(deps: list[list[int]], stuck: list[int]) -> list[int]:
     """One dependency cycle among the nodes Kahn's algorithm could not order."""
     members = set(stuck)
@@ -1044,12 +1056,6 @@ def _find_cycle(deps: list[list[int]], stuck: list[int]) -> list[int]:
     return [*cycle, cycle[0]]
 
 
-def _node_lease(spec: NodeSpec) -> float:
-    from .idempotency._policy import _default_lease
-
-    return _default_lease(spec)
-
-
 def _close_sync(exits: list[Callable[..., Any]]) -> None:
     error: BaseException | None = None
     for close in reversed(exits):
@@ -1060,6 +1066,10 @@ def _close_sync(exits: list[Callable[..., Any]]) -> None:
     exits.clear()
     if error is not None:
         raise error
+
+
+async def _exit_in_thread(exit: Callable[..., Any], *exc: Any) -> Any:
+    return await asyncio.to_thread(exit, *exc)
 
 
 async def _close_async(exits: list[Callable[..., Any]]) -> None:
@@ -1167,8 +1177,10 @@ class _Run:
                 exits.append(value.__aexit__)
                 value = await value.__aenter__()
             elif hasattr(value, "__enter__"):
-                exits.append(value.__exit__)
-                value = value.__enter__()
+                # a sync resource may block to open or close (a database connection): like a
+                # sync node, it does so in a worker thread, never on the event loop
+                exits.append(functools.partial(_exit_in_thread, value.__exit__))
+                value = await asyncio.to_thread(value.__enter__)
             made[name] = value
         if made:
             provide = _context.use(**made)
@@ -1298,7 +1310,7 @@ class _Run:
                             self.dirty.add(key)
                         entries.append((index, update[key]))
         self.completed.append(step.name)
-        if not (_HUB.sinks or _debug(_DEBUG)) and not replayed:
+        if not replayed and not observed():
             return
         if replayed:
             emit(
@@ -1321,14 +1333,17 @@ class _Run:
 
     def commit(self, step: _Step, result: Any, duration: float | None) -> None:
         """Apply a node's result: normalize, merge, install. Raises `_Problem`."""
-        update = self.normalize(step, result)
+        self.apply(step, self.normalize(step, result), duration)
+
+    def apply(self, step: _Step, update: Mapping[str, Any] | None, duration: float | None) -> None:
+        """Merge and install an update (None or empty: no change). Raises `_Problem`."""
         if not update:
             self.install(step, None, None, duration)
             return
         self.install(step, update, self.merge(step, update), duration)
 
     def node_started(self, step: _Step) -> None:
-        if _HUB.sinks or _debug(_DEBUG):
+        if observed():
             emit("flow.node_started", step.name, self.run_id, flow=self.flow.name)
 
     # ------------------------------------------------------------------ sync step
@@ -1483,10 +1498,7 @@ class _Scheduler:
         if kind == _RESULT:
             run.commit(step, payload, duration)
         elif kind == _UPDATE:
-            if payload:
-                run.install(step, payload, run.merge(step, payload), duration)
-            else:
-                run.install(step, None, None, duration)
+            run.apply(step, payload, duration)
         else:
             _replay(run, step, payload)
 
@@ -1588,67 +1600,86 @@ def _replay(run: _Run, step: _Step, update: Mapping[str, Any]) -> None:
 # ---------------------------------------------------------------------------- journal
 
 
-class _Renewer:
-    """One daemon thread per durable run that renews the leases of its running nodes.
+class _Renewals:
+    """The process's one daemon thread renewing the leases of running durable nodes.
 
     Every lease is renewed every third of its length while its node runs, so a crashed run's
     node blocks a resume for at most one lease, and a slow node never loses its entry. A
     renewal the store refuses (the lease was taken over) stops renewing that entry; the
-    node's completion then fails and the run reports the lost lease.
+    node's completion then fails and the run reports the lost lease. One thread serves every
+    run: starting (and joining) a thread per run would cost more than the run itself.
     """
 
-    __slots__ = ("_closed", "_cond", "_held", "_thread", "store")
-
-    def __init__(self, store: Any) -> None:
-        self.store = store
+    def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._held: dict[RecordKey, tuple[str, float, float]] = {}
+        self._held: dict[tuple[int, RecordKey], tuple[Any, str, float, float]] = {}
         self._thread: threading.Thread | None = None
-        self._closed = False
+        self._waking_at = float("inf")  # when the thread wakes next (inf: when told)
 
-    def hold(self, key: RecordKey, token: str, lease: float) -> None:
+    def hold(self, owner: int, store: Any, key: RecordKey, token: str, lease: float) -> None:
+        due = time.monotonic() + lease / 3
         with self._cond:
-            self._held[key] = (token, lease, time.monotonic() + lease / 3)
-            if self._thread is None:
+            self._held[(owner, key)] = (store, token, lease, due)
+            if self._thread is None or not self._thread.is_alive():  # none yet, or forked
                 self._thread = threading.Thread(
                     target=self._loop, name="nodekit-flow-lease", daemon=True
                 )
                 self._thread.start()
-            self._cond.notify()
+            elif due < self._waking_at:  # wake the thread only if this lease is due first
+                self._cond.notify()
 
-    def drop(self, key: RecordKey) -> None:
+    def drop(self, owner: int, key: RecordKey) -> None:
         with self._cond:
-            self._held.pop(key, None)
+            self._held.pop((owner, key), None)
 
-    def close(self) -> None:
+    def drop_all(self, owner: int) -> None:
         with self._cond:
-            self._closed = True
-            self._held.clear()
-            self._cond.notify()
-            thread, self._thread = self._thread, None
-        if thread is not None:
-            thread.join(timeout=5.0)
+            for entry in [entry for entry in self._held if entry[0] == owner]:
+                del self._held[entry]
 
     def _loop(self) -> None:
         while True:
             with self._cond:
-                if self._closed:
-                    return
                 if not self._held:
+                    self._waking_at = float("inf")
                     self._cond.wait()
                     continue
-                key, (token, lease, due) = min(self._held.items(), key=lambda kv: kv[1][2])
+                entry, (store, token, lease, due) = min(
+                    self._held.items(), key=lambda item: item[1][3]
+                )
                 delay = due - time.monotonic()
                 if delay > 0:
+                    self._waking_at = due
                     self._cond.wait(delay)
                     continue
-                self._held[key] = (token, lease, time.monotonic() + lease / 3)
+                self._held[entry] = (store, token, lease, time.monotonic() + lease / 3)
             try:
-                ok = self.store.renew(key, token, lease=lease)
+                ok = store.renew(entry[1], token, lease=lease)
             except Exception:
                 ok = True  # a passing store fault: try again at the next beat
             if not ok:
-                self.drop(key)
+                self.drop(*entry)
+
+
+_RENEWALS = _Renewals()
+
+
+class _Renewer:
+    """One durable run's view of the shared renewals: the keys it holds, dropped at close."""
+
+    __slots__ = ("store",)
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    def hold(self, key: RecordKey, token: str, lease: float) -> None:
+        _RENEWALS.hold(id(self), self.store, key, token, lease)
+
+    def drop(self, key: RecordKey) -> None:
+        _RENEWALS.drop(id(self), key)
+
+    def close(self) -> None:
+        _RENEWALS.drop_all(id(self))
 
 
 class _Journal:
@@ -1705,11 +1736,19 @@ class _Journal:
                 f"cannot: {exc}",
                 option="state",
             ) from exc
-        graph = [
-            [step.name, step.version, sorted(run.plan.order[d].name for d in step.deps)]
-            for step in sorted(run.plan.order, key=lambda s: s.name)
-        ]
-        graph_fp = digest(canonical_json(graph))
+        if run.plan.journal is None:
+            graph = [
+                [step.name, step.version, sorted(run.plan.order[d].name for d in step.deps)]
+                for step in sorted(run.plan.order, key=lambda s: s.name)
+            ]
+            run.plan.journal = (
+                digest(canonical_json(graph)),
+                [
+                    digest(canonical_json(["flow-node", flow.name, step.name, step.version]))
+                    for step in run.plan.order
+                ],
+            )
+        graph_fp, node_fps = run.plan.journal
         self.header_key = RecordKey(f"flow:{flow.name}", "", digest(canonical_json([run_id])))
         self.header_fp = digest(canonical_json({"graph": graph_fp, "input": input_fp}))
         self.header_text = json.dumps(
@@ -1724,7 +1763,7 @@ class _Journal:
                     "",
                     digest(canonical_json([run_id, step.name, 0])),
                 ),
-                digest(canonical_json(["flow-node", flow.name, step.name, step.version])),
+                node_fps[step.index],
             )
             for step in run.plan.order
         ]
@@ -1764,16 +1803,18 @@ class _Journal:
         )
 
     def _stale(self, step: _Step | None, what: str) -> None:
-        from .idempotency._policy import NodekitWarning
-
-        message = (
+        self._doubt(
             f"flow {self.flow.name!r} (run {self.run.run_id}): {what} expired (older than its "
             "TTL), so it cannot be replayed: "
             + ("the run starts again" if step is None else f"node {step.name!r} runs again")
         )
+
+    def _doubt(self, message: str) -> None:
+        """A journal that may no longer be trusted: refused (`strict=True`) or a warning."""
         if self.flow.strict:
             raise _Problem(message)
-        warnings.warn(message, NodekitWarning, stacklevel=2)
+        # stacklevel: past _doubt and the check that called it, to the step being run
+        warnings.warn(message, NodekitWarning, stacklevel=3)
 
     def _node(self, step: _Step, got: Acquisition) -> str:
         """'run', 'replay', or raises (`_Problem`: in progress elsewhere, corrupt, diverged)."""
@@ -1803,16 +1844,11 @@ class _Journal:
                 raise _Problem(f"its journal entry {key.short} has no update", None)
             ttl = step.ttl
             if ttl is not None and time.time() - record.created_at > ttl:
-                from .idempotency._policy import NodekitWarning
-
-                message = (
+                self._doubt(
                     f"flow {self.flow.name!r} (run {self.run.run_id}): the journal entry of node "
                     f"{step.name!r} is older than the node's idempotency TTL ({ttl:.0f} s): its "
                     "keys may have expired downstream"
                 )
-                if self.flow.strict:
-                    raise _Problem(message, None)
-                warnings.warn(message, NodekitWarning, stacklevel=2)
             return "replay"
         emit(
             "idempotency.in_progress",
@@ -1992,33 +2028,23 @@ class _Journal:
             await self.store.aclose()
 
 
-def _call_journaled_sync(step: _Step, args: Any, kwargs: Any, record: Record) -> Any:
-    """Call a node the way its wrapper does, with the journal entry as its default key.
+def _journaled_context(step: _Step, record: Record) -> NodeContext:
+    """A node's context with the journal entry as its default key.
 
     ``nk.context().idempotency_key`` is the journal key's digest (rule 31), so
     ``idempotency_key_for(step)`` gives downstream keys that are stable across resumes.
     A node with its own `Idempotency` uses its own key instead.
     """
-    from ._node import _new_context, _observed_sync
-
-    ctx = _new_context(step.spec)
+    ctx = new_context(step.spec)
     ctx.idempotency_key = record.key_digest
     ctx.epoch = record.epoch
-    token = _context._CURRENT.set(ctx)
-    try:
-        return _observed_sync(step.spec, ctx, args, kwargs)
-    finally:
-        _context._CURRENT.reset(token)
+    return ctx
+
+
+def _call_journaled_sync(step: _Step, args: Any, kwargs: Any, record: Record) -> Any:
+    """Call a node the way its wrapper does, in its journaled context."""
+    return call_in_context_sync(step.spec, _journaled_context(step, record), args, kwargs)
 
 
 async def _call_journaled_async(step: _Step, args: Any, kwargs: Any, record: Record) -> Any:
-    from ._node import _new_context, _observed_async
-
-    ctx = _new_context(step.spec)
-    ctx.idempotency_key = record.key_digest
-    ctx.epoch = record.epoch
-    token = _context._CURRENT.set(ctx)
-    try:
-        return await _observed_async(step.spec, ctx, args, kwargs)
-    finally:
-        _context._CURRENT.reset(token)
+    return await call_in_context_async(step.spec, _journaled_context(step, record), args, kwargs)

@@ -76,7 +76,6 @@ class NodeSpec:
         "fn",
         "idempotency",
         "is_async",
-        "keyed",
         "name",
         "named",
         "on_abandoned_finish",
@@ -120,7 +119,6 @@ class NodeSpec:
         # what runs a call once its context is set: the attempt loop, or the keyed call
         self.drive_sync: Callable[..., Any] = call_sync
         self.drive_async: Callable[..., Coroutine[Any, Any, Any]] = call_async
-        self.keyed = False
         # True when a repeated effect is harmless (a key guards it): ambiguous errors retry.
         # nodekit.sql sets it for its transactions, whose key lives in the user's database.
         self.replay_safe = False
@@ -133,7 +131,6 @@ class NodeSpec:
             self.drive_async = idempotent_async
 
             self.idempotency = compile_idempotency(idem, self)
-            self.keyed = True
             self.replay_safe = True
             self.on_abandoned_finish = on_abandoned_finish
 
@@ -206,7 +203,7 @@ def _sync_wrapper(spec: NodeSpec) -> Callable[..., Any]:
     debug_enabled = _events._is_enabled_for
     DEBUG = _events.DEBUG
     modules = sys.modules
-    slow = spec.threaded or spec.resources or spec.keyed
+    slow = spec.threaded or spec.resources or spec.idempotency is not None
 
     if not slow:
 
@@ -231,7 +228,7 @@ def _sync_wrapper(spec: NodeSpec) -> Callable[..., Any]:
     else:
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            ctx = _new_context(spec)
+            ctx = new_context(spec)
             token = set_(ctx)
             try:
                 return _observed_sync(spec, ctx, args, kwargs)
@@ -250,7 +247,7 @@ def _async_wrapper(spec: NodeSpec) -> Callable[..., Coroutine[Any, Any, Any]]:
     debug_enabled = _events._is_enabled_for
     DEBUG = _events.DEBUG
     modules = sys.modules
-    slow = spec.threaded or spec.resources or spec.keyed
+    slow = spec.threaded or spec.resources or spec.idempotency is not None
 
     if not slow:
 
@@ -275,7 +272,7 @@ def _async_wrapper(spec: NodeSpec) -> Callable[..., Coroutine[Any, Any, Any]]:
     else:
 
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
-            ctx = _new_context(spec)
+            ctx = new_context(spec)
             token = set_(ctx)
             try:
                 return await _observed_async(spec, ctx, args, kwargs)
@@ -285,7 +282,8 @@ def _async_wrapper(spec: NodeSpec) -> Callable[..., Coroutine[Any, Any, Any]]:
     return wrapper
 
 
-def _new_context(spec: NodeSpec) -> NodeContext:
+def new_context(spec: NodeSpec) -> NodeContext:
+    """A call's context: the enclosing node's deadline, shortened by this node's total timeout."""
     parent = _context._CURRENT.get()
     deadline = None if parent is None else parent.deadline
     total = spec.total_timeout
@@ -368,6 +366,27 @@ async def _observed_async(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: A
         return await spec.drive_async(spec, ctx, args, kwargs)
     finally:
         _unbind_log(tokens)
+
+
+def call_in_context_sync(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any) -> Any:
+    """Call the node in a context its caller prepared (a flow's journal sets the key on it).
+
+    The same steps as the wrapper's observed path; the wrappers inline them for speed.
+    """
+    token = _context._CURRENT.set(ctx)
+    try:
+        return _observed_sync(spec, ctx, args, kwargs)
+    finally:
+        _context._CURRENT.reset(token)
+
+
+async def call_in_context_async(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any) -> Any:
+    """The async twin of `call_in_context_sync`."""
+    token = _context._CURRENT.set(ctx)
+    try:
+        return await _observed_async(spec, ctx, args, kwargs)
+    finally:
+        _context._CURRENT.reset(token)
 
 
 def _build(fn: Callable[..., Any], config: dict[str, Any]) -> Any:

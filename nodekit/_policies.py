@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import enum
 import random
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -459,7 +458,3 @@ def compile_effect(effect: Any, *, node: str) -> Effect:
         node=node,
         option="effect",
     )
-
-
-def monotonic() -> float:
-    return time.monotonic()

@@ -14,20 +14,27 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
 
 __all__ = ["main"]
 
 
-def _open(url: str) -> object:
+@contextmanager
+def _opened(url: str) -> Iterator[Any]:
+    """The store at `url`, closed when the command is done with it."""
     from .idempotency import open_store
 
-    return open_store(url)
+    store = open_store(url)
+    try:
+        yield store
+    finally:
+        store.close()
 
 
 def _stats(url: str) -> int:
-    store = _open(url)
-    try:
+    with _opened(url) as store:
         stats = getattr(store, "stats", None)
         if stats is None:
             print(f"{type(store).__name__} does not report statistics", file=sys.stderr)
@@ -35,16 +42,13 @@ def _stats(url: str) -> int:
         for (namespace, state), count in sorted(stats().items()):
             print(f"{namespace}\t{state}\t{count}")
         return 0
-    finally:
-        store.close()  # type: ignore[attr-defined]
 
 
 def _show(url: str, namespace: str, digest: str, scope: str) -> int:
     from .idempotency import RecordKey
 
-    store = _open(url)
-    try:
-        record = store.get(RecordKey(namespace, scope, digest))  # type: ignore[attr-defined]
+    with _opened(url) as store:
+        record = store.get(RecordKey(namespace, scope, digest))
         if record is None:
             print("no such record", file=sys.stderr)
             return 1
@@ -64,20 +68,15 @@ def _show(url: str, namespace: str, digest: str, scope: str) -> int:
             f"result stored: {record.result is not None}; error stored: {record.error is not None}"
         )
         return 0
-    finally:
-        store.close()  # type: ignore[attr-defined]
 
 
 def _resolve(url: str, namespace: str, digest: str, scope: str) -> int:
     from .idempotency import RecordKey
 
-    store = _open(url)
-    try:
-        gone = store.delete(RecordKey(namespace, scope, digest))  # type: ignore[attr-defined]
+    with _opened(url) as store:
+        gone = store.delete(RecordKey(namespace, scope, digest))
         print("deleted" if gone else "no such record")
         return 0 if gone else 1
-    finally:
-        store.close()  # type: ignore[attr-defined]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -215,6 +215,7 @@ def _check(
     ctx = prepared.ctx
     status = response.status_code
     was_replayed = replayed(response)
+    short = None if prepared.key is None else _fingerprint(prepared.key)
     emit(
         "http.response",
         ctx.node if ctx is not None else None,
@@ -225,7 +226,7 @@ def _check(
         url=prepared.url,
         status=status,
         replayed=was_replayed,
-        key=None if prepared.key is None else _fingerprint(prepared.key),
+        key=short,
     )
     if status < 400:
         return response
@@ -243,7 +244,7 @@ def _check(
     exc = error(message, request=prepared.request, response=response)
     if isinstance(exc, KeyInProgress | KeyMismatch):
         exc.node = ctx.node if ctx is not None else None
-        exc.key_fingerprint = None if prepared.key is None else _fingerprint(prepared.key)
+        exc.key_fingerprint = short
     raise exc
 
 

@@ -22,16 +22,17 @@ import json
 import re
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 from ._context import context, current_or_none
-from ._errors import ConfigError, IdempotencyMismatch
+from ._errors import ConfigError, IdempotencyMismatch, NodekitError
 from ._events import emit
 from ._node import Node, node
 from ._policies import Effect, Retry, Seconds, Timeout
+from ._sqlite import database_file, writer_lock
 from .idempotency._keys import canonical_json
 from .idempotency._policy import Idempotency, IdempotencyPlan
 
@@ -65,6 +66,17 @@ def _dialect(conn: Any) -> str:
 
 def _is_async_connection(conn: Any) -> bool:
     return inspect.iscoroutinefunction(getattr(conn, "execute", None))
+
+
+def _sync_dialect(conn: Any, method: str, instead: str) -> str:
+    """`_dialect` for an `Outbox` method that needs a sync connection (`instead` is the fix)."""
+    dialect = _dialect(conn)
+    if _is_async_connection(conn):
+        raise ConfigError(
+            f"nodekit.sql: Outbox.{method} got a psycopg.AsyncConnection; use {instead}",
+            option="connection",
+        )
+    return dialect
 
 
 class _Effects:
@@ -137,6 +149,9 @@ def _sqlite_tx(conn: Any, ddl: str) -> Iterator[Any]:
     _sqlite_idle(conn, "the effect and its key must commit together")
     cur = conn.cursor()
     cur.row_factory = None  # the caller's row factory (dicts, Row) must not change our reads
+    # this process's writers queue here rather than in SQLite's sleeping busy handler
+    writer = writer_lock(database_file(cur))
+    writer.acquire()
     try:
         # IMMEDIATE takes the write lock up front: a busy database fails here, before the
         # function runs, with "database is locked" (transient, retried).
@@ -152,6 +167,7 @@ def _sqlite_tx(conn: Any, ddl: str) -> Iterator[Any]:
                 conn.rollback()
             raise
     finally:
+        writer.release()
         cur.close()
 
 
@@ -190,8 +206,6 @@ def _replayed(
         failure, unavailable = plan.results.decode_error(error)
         if failure is not None:
             raise failure
-        from ._errors import NodekitError
-
         raise NodekitError(
             f"node {name!r}: key {short} was applied, but its result could not be stored "
             f"({unavailable}); the effect will not run again",
@@ -471,6 +485,11 @@ class Message:
     attempts: int
 
 
+def _messages(rows: Iterable[Sequence[Any]]) -> list[Message]:
+    """`Message`s from ``SELECT id, topic, key, payload, attempts`` rows."""
+    return [Message(r[0], r[1], r[2], json.loads(r[3]), r[4]) for r in rows]
+
+
 class Outbox:
     """Messages written in the same transaction as a row, dispatched after it commits.
 
@@ -573,12 +592,7 @@ class Outbox:
         and the payload (stable across retries and resumes); elsewhere it is a digest of topic
         and payload. A message whose key is already queued is not queued again.
         """
-        dialect = _dialect(conn)
-        if _is_async_connection(conn):
-            raise ConfigError(
-                "nodekit.sql: Outbox.add got a psycopg.AsyncConnection; use `await outbox.aadd(...)`",
-                option="connection",
-            )
+        dialect = _sync_dialect(conn, "add", "`await outbox.aadd(...)`")
         self._ensure(conn, dialect)
         key = self._message_key(topic, payload, key)
         conn.execute(
@@ -589,12 +603,7 @@ class Outbox:
 
     def pending(self, conn: Any, *, limit: int = 100) -> list[Message]:
         """The messages not dispatched yet, oldest first (commits nothing of the caller's)."""
-        dialect = _dialect(conn)
-        if _is_async_connection(conn):
-            raise ConfigError(
-                "nodekit.sql: Outbox.pending got a psycopg.AsyncConnection; use adispatch",
-                option="connection",
-            )
+        dialect = _sync_dialect(conn, "pending", "adispatch")
         self._ensure(conn, dialect)
         sql = self._sql(dialect, "pending")
         if dialect == "sqlite":
@@ -611,7 +620,7 @@ class Outbox:
             # connection), a savepoint inside the caller's otherwise.
             with conn.transaction(), conn.cursor(row_factory=tuple_row) as pcur:
                 rows = pcur.execute(sql, (limit,)).fetchall()
-        return [Message(r[0], r[1], r[2], json.loads(r[3]), r[4]) for r in rows]
+        return _messages(rows)
 
     def _idle(self, conn: Any, dialect: str) -> None:
         what = "dispatch commits each message's mark"
@@ -636,12 +645,7 @@ class Outbox:
         and dispatch moves on to the next message. The connection must be idle: each mark
         is committed as soon as its handler returns.
         """
-        dialect = _dialect(conn)
-        if _is_async_connection(conn):
-            raise ConfigError(
-                "nodekit.sql: Outbox.dispatch got a psycopg.AsyncConnection; use adispatch",
-                option="connection",
-            )
+        dialect = _sync_dialect(conn, "dispatch", "adispatch")
         self._idle(conn, dialect)
         done = 0
         for message in self.pending(conn, limit=limit):
@@ -688,7 +692,7 @@ class Outbox:
         async with conn.transaction(), conn.cursor(row_factory=tuple_row) as cur:
             await cur.execute(self._sql("postgres", "pending"), (limit,))
             rows = await cur.fetchall()
-        return [Message(r[0], r[1], r[2], json.loads(r[3]), r[4]) for r in rows]
+        return _messages(rows)
 
     async def _amark(self, conn: Any, message: Message, error: BaseException | None) -> None:
         what, params = self._mark_args(message, error)
@@ -703,28 +707,24 @@ class Outbox:
         `conn` is a psycopg ``AsyncConnection``, or a sync connection (its calls are short
         and block the event loop briefly).
         """
-        if not _is_async_connection(conn):
-            dialect = _dialect(conn)
-            self._idle(conn, dialect)
-            done = 0
-            for message in self.pending(conn, limit=limit):
-                try:
-                    await handler(message)
-                except Exception as exc:
-                    self._mark(conn, dialect, message, exc)
-                    continue
-                self._mark(conn, dialect, message, None)
-                done += 1
-            return done
-        _dialect(conn)
-        _pg_idle(conn, "dispatch commits each message's mark")
+        dialect = _dialect(conn)
+        self._idle(conn, dialect)
+        sync = not _is_async_connection(conn)
+
+        async def mark(message: Message, error: BaseException | None) -> None:
+            if sync:
+                self._mark(conn, dialect, message, error)
+            else:
+                await self._amark(conn, message, error)
+
+        messages = self.pending(conn, limit=limit) if sync else await self._apending(conn, limit)
         done = 0
-        for message in await self._apending(conn, limit):
+        for message in messages:
             try:
                 await handler(message)
             except Exception as exc:
-                await self._amark(conn, message, exc)
+                await mark(message, exc)
                 continue
-            await self._amark(conn, message, None)
+            await mark(message, None)
             done += 1
         return done

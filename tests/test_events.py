@@ -15,15 +15,6 @@ from nodekit.testing import Flaky, capture_events, instant
 RETRY = nk.Retry(attempts=3, initial=0.1, multiplier=2, jitter=0)
 
 
-@pytest.fixture(autouse=True)
-def _wait_for_abandoned_attempts() -> Iterator[None]:
-    """Let abandoned sync attempts finish, so that their late events stay in their own test."""
-    yield
-    for thread in threading.enumerate():
-        if thread.name.startswith("nodekit:"):
-            thread.join(2)
-
-
 @pytest.fixture
 def metrics() -> Iterator[nk.Metrics]:
     sink = nk.Metrics()

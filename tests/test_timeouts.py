@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
@@ -14,15 +13,6 @@ import nodekit as nk
 from nodekit.testing import Flaky, capture_events, instant
 
 READ = nk.Effect.READ
-
-
-@pytest.fixture(autouse=True)
-def _wait_for_abandoned_attempts() -> Iterator[None]:
-    """Let abandoned sync attempts finish, so that their late events stay in their own test."""
-    yield
-    for thread in threading.enumerate():
-        if thread.name.startswith("nodekit:"):
-            thread.join(2)
 
 
 def test_node_timeout_is_a_timeout_error_classified_ambiguous() -> None:

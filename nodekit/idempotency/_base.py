@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import os
-from typing import Any, cast
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any, TypeGuard, TypeVar, cast
 
 from ._store import COMPLETED, IN_PROGRESS, Acquisition, Record, RecordKey, SyncStore
 
-__all__ = ["ThreadedAsync", "can_acquire", "fresh_record", "new_token"]
+T = TypeVar("T")
+
+__all__ = [
+    "ThreadedAsync",
+    "acquisition",
+    "can_acquire",
+    "completed",
+    "fresh_record",
+    "holds",
+    "new_token",
+    "renewed",
+]
 
 
 def new_token() -> str:
@@ -77,6 +92,18 @@ def acquisition(
     return Acquisition(True, record, takeover=took_over, now=now), record
 
 
+def holds(record: Record | None, token: str) -> TypeGuard[Record]:
+    """Whether `token` still holds `record`: the fence `complete`, `release` and `renew` check."""
+    return record is not None and record.owner_token == token and record.state == IN_PROGRESS
+
+
+def renewed(record: Record, now: float, lease: float) -> Record:
+    """`record` with its lease extended to `now + lease` (its TTL never shortened)."""
+    return replace(
+        record, lease_expires_at=now + lease, expires_at=max(record.expires_at, now + lease)
+    )
+
+
 def completed(
     record: Record, result: str | None, error: str | None, now: float, ttl: float
 ) -> Record:
@@ -98,36 +125,58 @@ def completed(
 
 
 class ThreadedAsync:
-    """Async twins that run the sync operation in a worker thread (SQLite's async path)."""
+    """Async twins that run the sync operation in the store's own worker threads.
+
+    Not asyncio's default executor: it has only a few threads (cores + 4) and the sync nodes
+    of an async flow run there too, so store I/O would queue behind them and they behind it.
+    The threads (two: SQLite has one writer at a time anyway) start on first use.
+    """
+
+    _executor: concurrent.futures.ThreadPoolExecutor | None = None
 
     def _sync(self) -> SyncStore:
         return cast(SyncStore, self)
 
+    def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> asyncio.Future[T]:
+        executor = self._executor
+        if executor is None:
+            executor = self._executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=2, thread_name_prefix="nodekit-store"
+            )
+        return asyncio.get_running_loop().run_in_executor(
+            executor, functools.partial(fn, *args, **kwargs)
+        )
+
+    def _shutdown(self) -> None:
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False)
+
     async def aacquire(
         self, key: RecordKey, fingerprint: str, *, lease: float, ttl: float, takeover: bool = True
     ) -> Acquisition:
-        return await asyncio.to_thread(
+        return await self._run(
             self._sync().acquire, key, fingerprint, lease=lease, ttl=ttl, takeover=takeover
         )
 
     async def acomplete(
         self, key: RecordKey, token: str, *, result: str | None, error: str | None, ttl: float
     ) -> bool:
-        return await asyncio.to_thread(
+        return await self._run(
             self._sync().complete, key, token, result=result, error=error, ttl=ttl
         )
 
     async def arelease(self, key: RecordKey, token: str) -> bool:
-        return await asyncio.to_thread(self._sync().release, key, token)
+        return await self._run(self._sync().release, key, token)
 
     async def arenew(self, key: RecordKey, token: str, *, lease: float) -> bool:
-        return await asyncio.to_thread(self._sync().renew, key, token, lease=lease)
+        return await self._run(self._sync().renew, key, token, lease=lease)
 
     async def aget(self, key: RecordKey) -> Record | None:
-        return await asyncio.to_thread(self._sync().get, key)
+        return await self._run(self._sync().get, key)
 
     async def adelete(self, key: RecordKey) -> bool:
-        return await asyncio.to_thread(self._sync().delete, key)
+        return await self._run(self._sync().delete, key)
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self._sync().close)

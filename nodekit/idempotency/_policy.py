@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from .._context import _OVERRIDES, _RESOURCES
+from .._context import find_slot
 from .._errors import ConfigError
 from .._policies import Effect, Seconds, seconds
 from ._keys import canonical, digest, dumps
@@ -203,7 +203,7 @@ class IdempotencyPlan:
         ttl = seconds(policy.ttl, node=node, option="idempotency.ttl", allow_none=False)
         assert ttl is not None
         self.ttl = ttl
-        self.lease = seconds(policy.lease, node=node, option="idempotency.lease") or _default_lease(
+        self.lease = seconds(policy.lease, node=node, option="idempotency.lease") or default_lease(
             spec
         )
         self.wait_timeout = (
@@ -267,9 +267,7 @@ class IdempotencyPlan:
                 else:
                     self._store = self.store_option
             return self._store
-        slot = _OVERRIDES.get().get("idempotency_store") or _RESOURCES.get().get(
-            "idempotency_store"
-        )
+        slot = find_slot("idempotency_store")
         if slot is not None:
             return slot.get()
         return default_store()
@@ -373,7 +371,7 @@ def _check_store(store: Any, node: str, is_async: bool) -> None:
         )
 
 
-def _default_lease(spec: NodeSpec) -> float:
+def default_lease(spec: NodeSpec) -> float:
     """The node's whole time budget plus a margin (rule 11); a heartbeat renews it anyway."""
     if spec.total_timeout is not None:
         budget = spec.total_timeout

@@ -69,23 +69,15 @@ class Lease:
 # ---------------------------------------------------------------------------- decisions
 
 
-def _ids(
-    spec: NodeSpec, ctx: NodeContext, key: RecordKey, epoch: int | None = None
-) -> dict[str, Any]:
+def _ids(key: RecordKey, epoch: int | None = None) -> dict[str, Any]:
+    """An event's record fields: the key's short fingerprint (never the key) and the epoch."""
     fields: dict[str, Any] = {"key": key.short}
     if epoch is not None:
         fields["epoch"] = epoch
     return fields
 
 
-def _refuse(
-    spec: NodeSpec,
-    ctx: NodeContext,
-    plan: IdempotencyPlan,
-    key: RecordKey,
-    fp: str,
-    got: Acquisition,
-) -> str:
+def _refuse(fp: str, got: Acquisition) -> str:
     """Why an acquire that failed cannot proceed: 'mismatch', 'replay', 'unknown' or 'busy'."""
     record = got.record
     if record.fingerprint != fp:
@@ -97,54 +89,36 @@ def _refuse(
     return "busy"
 
 
-def _raise_refusal(
-    reason: str,
-    spec: NodeSpec,
-    ctx: NodeContext,
-    plan: IdempotencyPlan,
-    key: RecordKey,
-    record: Record,
-) -> None:
-    name = spec.name
-    if reason == "mismatch":
-        emit(
-            "idempotency.mismatch",
-            name,
-            ctx.run_id,
-            ctx.attempt,
-            **_ids(spec, ctx, key, record.epoch),
-        )
-        raise IdempotencyMismatch(
-            f"node {name!r}: key {key.short} was used before with a different payload; nothing "
-            "ran. Use a new key for a new request",
-            node=name,
-            key_fingerprint=key.short,
-        )
-    if reason == "unknown":
-        emit(
-            "idempotency.outcome_unknown",
-            name,
-            ctx.run_id,
-            ctx.attempt,
-            **_ids(spec, ctx, key, record.epoch),
-        )
-        raise OutcomeUnknown(
-            f"node {name!r}: key {key.short} was held by a call that vanished mid-effect and the "
-            "node delivers at most once: resolve the key (store.delete) once you know whether "
-            "the effect happened",
-            node=name,
-            key_fingerprint=key.short,
-        )
-    emit(
+# refusal reason -> (event, error type, what the error says after "key <fingerprint>")
+_REFUSALS: dict[str, tuple[str, type[NodekitError], str]] = {
+    "mismatch": (
+        "idempotency.mismatch",
+        IdempotencyMismatch,
+        "was used before with a different payload; nothing ran. Use a new key for a new request",
+    ),
+    "unknown": (
+        "idempotency.outcome_unknown",
+        OutcomeUnknown,
+        "was held by a call that vanished mid-effect and the node delivers at most once: "
+        "resolve the key (store.delete) once you know whether the effect happened",
+    ),
+    "busy": (
         "idempotency.in_progress",
-        name,
-        ctx.run_id,
-        ctx.attempt,
-        **_ids(spec, ctx, key, record.epoch),
-    )
-    raise IdempotencyInProgress(
-        f"node {name!r}: key {key.short} is being processed by another caller",
-        node=name,
+        IdempotencyInProgress,
+        "is being processed by another caller",
+    ),
+}
+
+
+def _raise_refusal(
+    reason: str, spec: NodeSpec, ctx: NodeContext, key: RecordKey, record: Record
+) -> None:
+    """Report and raise why an acquire that was refused cannot proceed (`_refuse`)."""
+    event, error, what = _REFUSALS[reason]
+    emit(event, spec.name, ctx.run_id, ctx.attempt, **_ids(key, record.epoch))
+    raise error(
+        f"node {spec.name!r}: key {key.short} {what}",
+        node=spec.name,
         key_fingerprint=key.short,
     )
 
@@ -174,7 +148,7 @@ def _replay(
         spec.name,
         ctx.run_id,
         ctx.attempt,
-        **_ids(spec, ctx, key, record.epoch),
+        **_ids(key, record.epoch),
     )
     emit(
         "node.replayed", spec.name, ctx.run_id, ctx.attempt, key=key.short, error=error is not None
@@ -218,13 +192,12 @@ def _outcome_unknown(
         key=key.short,
         epoch=ctx.epoch,
     )
-    error = OutcomeUnknown(
+    return OutcomeUnknown(
         f"node {spec.name!r}: the call failed with an ambiguous error ({type(exc).__name__}); "
         f"the effect may have happened, so key {key.short} stays locked until its lease expires",
         node=spec.name,
         key_fingerprint=key.short,
     )
-    return error
 
 
 def _store_error(
@@ -237,15 +210,14 @@ def _store_error(
         ctx.attempt,
         exc=exc,
         op=op,
-        **_ids(spec, ctx, key, ctx.epoch),  # no epoch yet when acquire failed
+        **_ids(key, ctx.epoch),  # no epoch yet when acquire failed
     )
-    return IdempotencyStoreError(
-        f"node {spec.name!r}: the idempotency store failed at {op} ({type(exc).__name__}: {exc}); "
-        "the node did not run"
-        if op == "acquire"
-        else f"node {spec.name!r}: the idempotency store failed at {op} ({type(exc).__name__}: {exc})",
-        node=spec.name,
+    message = (
+        f"node {spec.name!r}: the idempotency store failed at {op} ({type(exc).__name__}: {exc})"
     )
+    if op == "acquire":
+        message += "; the node did not run"
+    return IdempotencyStoreError(message, node=spec.name)
 
 
 def _emit_lease_lost(spec: NodeSpec, ctx: NodeContext, lease: Lease) -> None:
@@ -258,7 +230,7 @@ def _emit_lease_lost(spec: NodeSpec, ctx: NodeContext, lease: Lease) -> None:
         spec.name,
         ctx.run_id,
         ctx.attempt,
-        **_ids(spec, ctx, lease.key, ctx.epoch),
+        **_ids(lease.key, ctx.epoch),
     )
 
 
@@ -270,10 +242,24 @@ def _released(spec: NodeSpec, ctx: NodeContext, lease: Lease, released: bool) ->
             spec.name,
             ctx.run_id,
             ctx.attempt,
-            **_ids(spec, ctx, lease.key, ctx.epoch),
+            **_ids(lease.key, ctx.epoch),
         )
     else:
         _emit_lease_lost(spec, ctx, lease)
+
+
+def _after_lease_lost(
+    spec: NodeSpec, ctx: NodeContext, plan: IdempotencyPlan, lease: Lease, record: Record | None
+) -> Any:
+    """A completion the store refused: replay the new holder's equal result, or raise."""
+    if record is not None and record.state == COMPLETED and record.fingerprint == lease.fingerprint:
+        return _replay(spec, ctx, plan, lease.key, record, False)
+    raise IdempotencyLeaseLost(
+        f"node {spec.name!r}: the lease on key {lease.key.short} was taken over before this call "
+        "finished; its result was not stored",
+        node=spec.name,
+        key_fingerprint=lease.key.short,
+    )
 
 
 # ---------------------------------------------------------------------------- heartbeats
@@ -315,8 +301,6 @@ class _Heartbeats:
                     heapq.heappop(self._heap)
                 if not self._heap:
                     self._cond.wait(timeout=5.0)
-                    if not self._heap:
-                        continue
                     continue
                 due, ident, lease = self._heap[0]
                 delay = due - time.monotonic()
@@ -348,43 +332,37 @@ class _Heartbeats:
 HEARTBEATS = _Heartbeats()
 
 
-def _async_heartbeat(lease: Lease) -> asyncio.TimerHandle:
-    loop = asyncio.get_running_loop()
-    interval = lease.plan.lease / 3
-    state: dict[str, Any] = {}
+class _AsyncHeartbeat:
+    """Renews one lease from the running event loop (every lease / 3) until cancelled."""
 
-    async def beat() -> None:
+    __slots__ = ("handle", "interval", "lease", "loop", "task")
+
+    def __init__(self, lease: Lease) -> None:
+        self.lease = lease
+        self.loop = asyncio.get_running_loop()
+        self.interval = lease.plan.lease / 3
+        self.task: asyncio.Task[None] | None = None
+        self.handle = self.loop.call_later(self.interval, self._fire)
+
+    def _fire(self) -> None:
+        self.task = self.loop.create_task(self._beat())
+
+    async def _beat(self) -> None:
+        lease = self.lease
         try:
             ok = await lease.store.arenew(lease.key, lease.token, lease=lease.plan.lease)
         except Exception:
-            ok = True
+            ok = True  # a passing store fault: try again at the next beat
         lease.emit("idempotency.heartbeat", renewed=ok)
         if not ok:
             lease.lost = True
             lease.emit("idempotency.lease_lost")
             return
-        state["handle"] = loop.call_later(interval, fire)
-
-    def fire() -> None:
-        state["task"] = loop.create_task(beat())
-
-    handle = loop.call_later(interval, fire)
-    state["handle"] = handle
-    lease_handle = _StateHandle(state)
-    return lease_handle  # type: ignore[return-value]
-
-
-class _StateHandle:
-    __slots__ = ("state",)
-
-    def __init__(self, state: dict[str, Any]) -> None:
-        self.state = state
+        self.handle = self.loop.call_later(self.interval, self._fire)
 
     def cancel(self) -> None:
-        handle = self.state.get("handle")
-        if handle is not None:
-            handle.cancel()
-        task = self.state.get("task")
+        self.handle.cancel()
+        task = self.task
         if task is not None and not task.done():
             task.cancel()
 
@@ -393,6 +371,11 @@ class _StateHandle:
 
 
 def idempotent_sync(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any) -> Any:
+    """Acquire the call's key once, then run the whole attempt loop holding it (rule 24).
+
+    A completed key replays without running; a busy one raises or, with
+    ``on_conflict="wait"``, polls with a doubling pause until `wait_timeout`.
+    """
     plan: IdempotencyPlan = spec.idempotency
     found = plan.key_for(args, kwargs)
     if found is None:
@@ -412,11 +395,11 @@ def idempotent_sync(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any) ->
             raise _store_error(spec, ctx, key, "acquire", exc) from exc
         if got.acquired:
             break
-        reason = _refuse(spec, ctx, plan, key, fp, got)
+        reason = _refuse(fp, got)
         if reason == "replay":
             return _replay(spec, ctx, plan, key, got.record, waited)
         if reason != "busy" or plan.policy.on_conflict == "raise" or time.monotonic() >= deadline:
-            _raise_refusal(reason, spec, ctx, plan, key, got.record)
+            _raise_refusal(reason, spec, ctx, key, got.record)
         waited = True
         CLOCK.sleep(min(pause, max(0.0, deadline - time.monotonic())))
         pause = min(pause * 2, 0.5)
@@ -443,7 +426,7 @@ def _run_holding_sync(
         spec.name,
         ctx.run_id,
         ctx.attempt,
-        **_ids(spec, ctx, key, record.epoch),
+        **_ids(key, record.epoch),
     )
     beat = HEARTBEATS.start(lease)
     try:
@@ -459,6 +442,7 @@ def _run_holding_sync(
 def _settle_failure_sync(
     spec: NodeSpec, ctx: NodeContext, plan: IdempotencyPlan, lease: Lease, exc: BaseException
 ) -> None:
+    """After the loop gave up: cache a listed error, keep the lease, or release the key."""
     store, key, token = lease.store, lease.key, lease.token
     if plan.cache_errors and isinstance(exc, plan.cache_errors):
         try:
@@ -484,6 +468,8 @@ def _settle_failure_sync(
 def _complete_sync(
     spec: NodeSpec, ctx: NodeContext, plan: IdempotencyPlan, lease: Lease, result: Any
 ) -> Any:
+    """Record the result; a store fault is tried again, since the effect has happened and a
+    lost record would let a later call run it again."""
     text, error = plan.results.encode_result(result)
     store, key = lease.store, lease.key
     last: BaseException | None = None
@@ -505,22 +491,10 @@ def _complete_sync(
                 epoch=ctx.epoch,
             )
             return result
-        return _lease_lost_sync(spec, ctx, plan, lease)
+        _emit_lease_lost(spec, ctx, lease)
+        return _after_lease_lost(spec, ctx, plan, lease, store.get(key))
     assert last is not None
     raise _store_error(spec, ctx, key, "complete", last) from last
-
-
-def _lease_lost_sync(spec: NodeSpec, ctx: NodeContext, plan: IdempotencyPlan, lease: Lease) -> Any:
-    _emit_lease_lost(spec, ctx, lease)
-    record = lease.store.get(lease.key)
-    if record is not None and record.state == COMPLETED and record.fingerprint == lease.fingerprint:
-        return _replay(spec, ctx, plan, lease.key, record, False)
-    raise IdempotencyLeaseLost(
-        f"node {spec.name!r}: the lease on key {lease.key.short} was taken over before this call "
-        "finished; its result was not stored",
-        node=spec.name,
-        key_fingerprint=lease.key.short,
-    )
 
 
 def on_abandoned_finish(
@@ -551,6 +525,7 @@ def on_abandoned_finish(
 
 
 async def idempotent_async(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any) -> Any:
+    """The async twin of `idempotent_sync`."""
     plan: IdempotencyPlan = spec.idempotency
     found = plan.key_for(args, kwargs)
     if found is None:
@@ -572,11 +547,11 @@ async def idempotent_async(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: 
             raise _store_error(spec, ctx, key, "acquire", exc) from exc
         if got.acquired:
             break
-        reason = _refuse(spec, ctx, plan, key, fp, got)
+        reason = _refuse(fp, got)
         if reason == "replay":
             return _replay(spec, ctx, plan, key, got.record, waited)
         if reason != "busy" or plan.policy.on_conflict == "raise" or time.monotonic() >= deadline:
-            _raise_refusal(reason, spec, ctx, plan, key, got.record)
+            _raise_refusal(reason, spec, ctx, key, got.record)
         waited = True
         await CLOCK.asleep(min(pause, max(0.0, deadline - time.monotonic())))
         pause = min(pause * 2, 0.5)
@@ -603,9 +578,9 @@ async def _run_holding_async(
         spec.name,
         ctx.run_id,
         ctx.attempt,
-        **_ids(spec, ctx, key, record.epoch),
+        **_ids(key, record.epoch),
     )
-    beat = _async_heartbeat(lease)
+    beat = _AsyncHeartbeat(lease)
     try:
         result = await call_async(spec, ctx, args, kwargs)
     except BaseException as exc:
@@ -666,18 +641,6 @@ async def _complete_async(
             )
             return result
         _emit_lease_lost(spec, ctx, lease)
-        record = await store.aget(key)
-        if (
-            record is not None
-            and record.state == COMPLETED
-            and record.fingerprint == lease.fingerprint
-        ):
-            return _replay(spec, ctx, plan, key, record, False)
-        raise IdempotencyLeaseLost(
-            f"node {spec.name!r}: the lease on key {key.short} was taken over before this call "
-            "finished; its result was not stored",
-            node=spec.name,
-            key_fingerprint=key.short,
-        )
+        return _after_lease_lost(spec, ctx, plan, lease, await store.aget(key))
     assert last is not None
     raise _store_error(spec, ctx, key, "complete", last) from last

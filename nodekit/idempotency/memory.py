@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import replace
 
-from ._base import acquisition, completed
-from ._store import IN_PROGRESS, Acquisition, Clock, Record, RecordKey, wall_clock
+from ._base import acquisition, completed, holds, renewed
+from ._store import Acquisition, Clock, Record, RecordKey, wall_clock
 
 __all__ = ["MemoryStore"]
 
@@ -37,40 +36,29 @@ class MemoryStore:
                 self._records[key] = record
             return answer
 
-    def _holds(self, key: RecordKey, token: str) -> Record | None:
-        record = self._records.get(key)
-        if record is None or record.owner_token != token or record.state != IN_PROGRESS:
-            return None
-        return record
-
     def complete(
         self, key: RecordKey, token: str, *, result: str | None, error: str | None, ttl: float
     ) -> bool:
         with self._lock:
-            record = self._holds(key, token)
-            if record is None:
+            record = self._records.get(key)
+            if not holds(record, token):
                 return False
             self._records[key] = completed(record, result, error, self._clock(), ttl)
             return True
 
     def release(self, key: RecordKey, token: str) -> bool:
         with self._lock:
-            if self._holds(key, token) is None:
+            if not holds(self._records.get(key), token):
                 return False
             del self._records[key]
             return True
 
     def renew(self, key: RecordKey, token: str, *, lease: float) -> bool:
         with self._lock:
-            record = self._holds(key, token)
-            if record is None:
+            record = self._records.get(key)
+            if not holds(record, token):
                 return False
-            now = self._clock()
-            self._records[key] = replace(
-                record,
-                lease_expires_at=now + lease,
-                expires_at=max(record.expires_at, now + lease),
-            )
+            self._records[key] = renewed(record, self._clock(), lease)
             return True
 
     def get(self, key: RecordKey) -> Record | None:

@@ -14,11 +14,10 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import replace
-from typing import Any
 
 from .._errors import ConfigError
-from ._base import ThreadedAsync, acquisition, completed
+from .._sqlite import writer_lock
+from ._base import ThreadedAsync, acquisition, completed, holds, renewed
 from ._store import FORMAT_VERSION, IN_PROGRESS, Acquisition, Clock, Record, RecordKey, wall_clock
 
 __all__ = ["SQLiteStore"]
@@ -60,6 +59,7 @@ class SQLiteStore(ThreadedAsync):
         self._busy_ms = int(busy_timeout * 1000)
         self._clock = clock or wall_clock
         self._local = threading.local()
+        self._writer = writer_lock(self.path)
         self._all: list[tuple[sqlite3.Connection, threading.Lock]] = []
         self._lock = threading.Lock()
         self._closed = False
@@ -124,7 +124,7 @@ class SQLiteStore(ThreadedAsync):
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._use() as conn:
+        with self._use() as conn, self._writer:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
@@ -179,13 +179,13 @@ class SQLiteStore(ThreadedAsync):
     ) -> bool:
         with self._tx() as conn:
             record = self._read(conn, key)
-            if record is None or record.owner_token != token or record.state != IN_PROGRESS:
+            if not holds(record, token):
                 return False
             self._write(conn, completed(record, result, error, self._clock(), ttl))
             return True
 
     def release(self, key: RecordKey, token: str) -> bool:
-        with self._use() as conn:
+        with self._use() as conn, self._writer:
             cur = conn.execute(
                 f"DELETE FROM {self.table} WHERE namespace = ? AND scope = ? AND key_digest = ? "
                 "AND owner_token = ? AND state = ?",
@@ -196,17 +196,9 @@ class SQLiteStore(ThreadedAsync):
     def renew(self, key: RecordKey, token: str, *, lease: float) -> bool:
         with self._tx() as conn:
             record = self._read(conn, key)
-            if record is None or record.owner_token != token or record.state != IN_PROGRESS:
+            if not holds(record, token):
                 return False
-            now = self._clock()
-            self._write(
-                conn,
-                replace(
-                    record,
-                    lease_expires_at=now + lease,
-                    expires_at=max(record.expires_at, now + lease),
-                ),
-            )
+            self._write(conn, renewed(record, self._clock(), lease))
             return True
 
     def get(self, key: RecordKey) -> Record | None:
@@ -214,7 +206,7 @@ class SQLiteStore(ThreadedAsync):
             return self._read(conn, key)
 
     def delete(self, key: RecordKey) -> bool:
-        with self._use() as conn:
+        with self._use() as conn, self._writer:
             cur = conn.execute(
                 f"DELETE FROM {self.table} WHERE namespace = ? AND scope = ? AND key_digest = ?",
                 (key.namespace, key.scope, key.digest),
@@ -232,7 +224,7 @@ class SQLiteStore(ThreadedAsync):
     def purge_expired(self) -> int:
         """Delete expired records (garbage collection); returns how many went."""
         now = self._clock()
-        with self._use() as conn:
+        with self._use() as conn, self._writer:
             cur = conn.execute(
                 f"DELETE FROM {self.table} WHERE expires_at <= ? "
                 "AND NOT (state = ? AND lease_expires_at > ?)",
@@ -248,11 +240,9 @@ class SQLiteStore(ThreadedAsync):
             with lock, suppress(sqlite3.Error):  # waits for a statement in flight to finish
                 conn.close()
         self._local = threading.local()
+        self._shutdown()
 
     def _put(self, record: Record) -> None:
         """Write a record as is (tests use it to plant corrupt or foreign records)."""
         with self._tx() as conn:
             self._write(conn, record)
-
-    def _raw(self) -> Any:
-        return self._conn()[0]
