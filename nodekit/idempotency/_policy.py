@@ -59,6 +59,9 @@ class Idempotency:
     holder's result instead of raising `IdempotencyInProgress`. `cache_errors` lists business
     errors that are stored and re-raised on replay. `delivery="at_most_once"` refuses to take
     over a key whose holder vanished mid-call (`OutcomeUnknown`) until it is resolved.
+    `skew` (seconds) is the clock difference tolerated between hosts sharing a store: leases
+    and TTLs are honoured that much past their nominal end (stores with a server clock,
+    Redis and PostgreSQL, need none).
     `store` is a store or a URL (`nk.open_store`); default: the `idempotency_store` resource,
     else the process default (`nk.set_default_store`, a `MemoryStore` unless set).
     """
@@ -78,6 +81,7 @@ class Idempotency:
     fields: Sequence[str] | None = None
     secret: bytes | str | None = None
     on_replay: Callable[[Any], None] | None = None
+    skew: Seconds = 0.0
 
 
 def _picker(
@@ -203,9 +207,26 @@ class IdempotencyPlan:
         ttl = seconds(policy.ttl, node=node, option="idempotency.ttl", allow_none=False)
         assert ttl is not None
         self.ttl = ttl
+        if isinstance(policy.skew, timedelta):
+            skew = policy.skew.total_seconds()
+        elif isinstance(policy.skew, int | float) and not isinstance(policy.skew, bool):
+            skew = float(policy.skew)
+        else:
+            skew = -1.0
+        if not 0.0 <= skew < float("inf"):
+            raise ConfigError(
+                f"node {node!r}: idempotency.skew must be >= 0 seconds, got {policy.skew!r}",
+                node=node,
+                option="idempotency.skew",
+            )
+        self.skew = skew
         self.lease = seconds(policy.lease, node=node, option="idempotency.lease") or default_lease(
             spec
         )
+        # what the store is told: the lease and the TTL outlast their nominal end by the
+        # tolerated clock skew, so a caller whose clock runs ahead takes nothing over early
+        self.held = self.lease + self.skew
+        self.kept = self.ttl + self.skew
         self.wait_timeout = (
             seconds(policy.wait_timeout, node=node, option="idempotency.wait_timeout") or self.lease
         )

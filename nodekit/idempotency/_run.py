@@ -309,7 +309,7 @@ class _Heartbeats:
                     continue
                 heapq.heappop(self._heap)
             try:
-                ok = lease.store.renew(lease.key, lease.token, lease=lease.plan.lease)
+                ok = lease.store.renew(lease.key, lease.token, lease=lease.plan.held)
             except Exception:
                 ok = True  # a passing store fault: try again at the next beat
             with self._cond:
@@ -350,7 +350,7 @@ class _AsyncHeartbeat:
     async def _beat(self) -> None:
         lease = self.lease
         try:
-            ok = await lease.store.arenew(lease.key, lease.token, lease=lease.plan.lease)
+            ok = await lease.store.arenew(lease.key, lease.token, lease=lease.plan.held)
         except Exception:
             ok = True  # a passing store fault: try again at the next beat
         lease.emit("idempotency.heartbeat", renewed=ok)
@@ -388,7 +388,7 @@ def idempotent_sync(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any) ->
     pause = 0.005
     while True:
         try:
-            got = store.acquire(key, fp, lease=plan.lease, ttl=plan.ttl, takeover=plan.takeover)
+            got = store.acquire(key, fp, lease=plan.held, ttl=plan.kept, takeover=plan.takeover)
         except NodekitError:
             raise
         except Exception as exc:
@@ -447,7 +447,7 @@ def _settle_failure_sync(
     if plan.cache_errors and isinstance(exc, plan.cache_errors):
         try:
             stored = store.complete(
-                key, token, result=None, error=plan.results.encode_error(exc), ttl=plan.ttl
+                key, token, result=None, error=plan.results.encode_error(exc), ttl=plan.kept
             )
         except Exception as error:
             raise _store_error(spec, ctx, key, "complete", error) from exc
@@ -475,7 +475,7 @@ def _complete_sync(
     last: BaseException | None = None
     for attempt in range(_COMPLETE_TRIES):
         try:
-            ok = store.complete(key, lease.token, result=text, error=error, ttl=plan.ttl)
+            ok = store.complete(key, lease.token, result=text, error=error, ttl=plan.kept)
         except Exception as exc:
             last = exc
             if attempt + 1 < _COMPLETE_TRIES:
@@ -507,7 +507,7 @@ def on_abandoned_finish(
     text, err = lease.plan.results.encode_result(result)
     try:
         stored = lease.store.complete(
-            lease.key, lease.token, result=text, error=err, ttl=lease.plan.ttl
+            lease.key, lease.token, result=text, error=err, ttl=lease.plan.kept
         )
     except Exception:
         return  # the lease expires; a takeover runs the call again (at least once)
@@ -539,7 +539,7 @@ async def idempotent_async(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: 
     while True:
         try:
             got = await store.aacquire(
-                key, fp, lease=plan.lease, ttl=plan.ttl, takeover=plan.takeover
+                key, fp, lease=plan.held, ttl=plan.kept, takeover=plan.takeover
             )
         except NodekitError:
             raise
@@ -598,7 +598,7 @@ async def _settle_failure_async(
     if plan.cache_errors and isinstance(exc, plan.cache_errors):
         try:
             stored = await store.acomplete(
-                key, token, result=None, error=plan.results.encode_error(exc), ttl=plan.ttl
+                key, token, result=None, error=plan.results.encode_error(exc), ttl=plan.kept
             )
         except Exception as error:
             raise _store_error(spec, ctx, key, "complete", error) from exc
@@ -624,7 +624,7 @@ async def _complete_async(
     last: BaseException | None = None
     for attempt in range(_COMPLETE_TRIES):
         try:
-            ok = await store.acomplete(key, lease.token, result=text, error=error, ttl=plan.ttl)
+            ok = await store.acomplete(key, lease.token, result=text, error=error, ttl=plan.kept)
         except Exception as exc:
             last = exc
             if attempt + 1 < _COMPLETE_TRIES:
