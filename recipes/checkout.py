@@ -390,6 +390,12 @@ def _summary(
         if faults:
             met = ", ".join(f"{kind} x{count}" for kind, count in sorted(faults.items()))
             print(f"  faults the local API injected so far: {met}", file=out)
+            if faults.get("drop_after"):
+                print(
+                    "  (drop_after: the API did the work, then dropped the connection before "
+                    "answering; the retry sent the same Idempotency-Key and got the stored answer)",
+                    file=out,
+                )
         charged = _charges(api)
         twice = [order for order, count in charged.items() if count > 1]
         print(
