@@ -244,3 +244,22 @@ def stalled_holder(
         append_line(results, json.dumps(out))
     finally:
         store.close()
+
+
+def store_spec(request: Any, kind: str, tmp_path: Path) -> StoreSpec:
+    """How a test (or a worker process) opens a store of `kind`: a file, a prefix, a schema."""
+    if kind == "sqlite":
+        return ("sqlite", str(tmp_path / "idempotency.db"))
+    if kind == "redis":
+        return (
+            "redis",
+            request.getfixturevalue("redis_url"),
+            request.getfixturevalue("redis_prefix"),
+        )
+    if kind == "postgres":
+        return (
+            "postgres",
+            request.getfixturevalue("postgres_url"),
+            request.getfixturevalue("pg_schema"),
+        )
+    return ("memory",)

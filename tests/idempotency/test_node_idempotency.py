@@ -27,7 +27,7 @@ import nodekit as nk
 from nodekit.idempotency import COMPLETED, IN_PROGRESS, MemoryStore, Record, RecordKey
 from nodekit.testing import capture_events, instant
 
-from ._workers import HAVE_POSTGRES, HAVE_REDIS, StoreSpec, make_store
+from ._workers import HAVE_POSTGRES, HAVE_REDIS, make_store, store_spec
 
 # ---------------------------------------------------------------------------- fixtures
 
@@ -37,24 +37,6 @@ STORES = [
     *([pytest.param("redis", marks=pytest.mark.services)] if HAVE_REDIS else []),
     *([pytest.param("postgres", marks=pytest.mark.services)] if HAVE_POSTGRES else []),
 ]
-
-
-def store_spec(request: pytest.FixtureRequest, kind: str, tmp_path: Path) -> StoreSpec:
-    if kind == "sqlite":
-        return ("sqlite", str(tmp_path / "idempotency.db"))
-    if kind == "redis":
-        return (
-            "redis",
-            request.getfixturevalue("redis_url"),
-            request.getfixturevalue("redis_prefix"),
-        )
-    if kind == "postgres":
-        return (
-            "postgres",
-            request.getfixturevalue("postgres_url"),
-            request.getfixturevalue("pg_schema"),
-        )
-    return ("memory",)
 
 
 @pytest.fixture(params=STORES)

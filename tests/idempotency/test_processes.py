@@ -39,20 +39,7 @@ DURABLE = [
 @pytest.fixture(params=DURABLE)
 def spec(request: pytest.FixtureRequest, tmp_path: Path) -> StoreSpec:
     """A store every process opens for itself: a SQLite file, a Redis prefix, a PG schema."""
-    kind = request.param
-    if kind == "redis":
-        return (
-            "redis",
-            request.getfixturevalue("redis_url"),
-            request.getfixturevalue("redis_prefix"),
-        )
-    if kind == "postgres":
-        return (
-            "postgres",
-            request.getfixturevalue("postgres_url"),
-            request.getfixturevalue("pg_schema"),
-        )
-    return ("sqlite", str(tmp_path / "idempotency.db"))
+    return _workers.store_spec(request, request.param, tmp_path)
 
 
 @pytest.fixture
@@ -131,13 +118,7 @@ def test_eight_processes_on_one_key_run_it_once(
 @pytest.fixture(params=[p for p in DURABLE if getattr(p, "values", (p,))[0] != "postgres"])
 def spec_for_many(request: pytest.FixtureRequest, tmp_path: Path) -> StoreSpec:
     """SQLite and Redis (PostgreSQL is in the other races; 1,000 keys there is slower)."""
-    if request.param == "redis":
-        return (
-            "redis",
-            request.getfixturevalue("redis_url"),
-            request.getfixturevalue("redis_prefix"),
-        )
-    return ("sqlite", str(tmp_path / "idempotency.db"))
+    return _workers.store_spec(request, request.param, tmp_path)
 
 
 def test_a_thousand_keys_four_callers_run_each_key_once(
