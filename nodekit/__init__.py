@@ -40,7 +40,9 @@ from .idempotency import (
     Idempotency,
     MemoryStore,
     NodekitWarning,
+    aresolve,
     open_store,
+    resolve,
     set_default_store,
 )
 
@@ -83,6 +85,7 @@ __all__ = [
     "Timeout",
     "UnsafeRetry",
     "add_sink",
+    "aresolve",
     "classify",
     "configure_logging",
     "context",
@@ -91,6 +94,7 @@ __all__ = [
     "open_store",
     "override",
     "remove_sink",
+    "resolve",
     "resource",
     "set_default_store",
     "use",

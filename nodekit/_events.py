@@ -68,6 +68,7 @@ _LEVELS: dict[str, int] = {
     "idempotency.outcome_unknown": ERROR,
     "idempotency.store_error": ERROR,
     "idempotency.heartbeat": DEBUG,
+    "idempotency.resolved": WARNING,
     "http.response": DEBUG,
     "files.put": DEBUG,
     "files.write": DEBUG,

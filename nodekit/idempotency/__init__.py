@@ -7,6 +7,7 @@ The public names are re-exported from `nodekit`; this package also exposes the s
 from ._keys import canonical_json, derive_key
 from ._open import default_store, open_store, set_default_store
 from ._policy import Codec, Idempotency, NodekitWarning
+from ._resolve import aresolve, resolve
 from ._store import (
     COMPLETED,
     IN_PROGRESS,
@@ -53,9 +54,11 @@ __all__ = [
     "SQLiteStore",
     "Store",
     "SyncStore",
+    "aresolve",
     "canonical_json",
     "default_store",
     "derive_key",
     "open_store",
+    "resolve",
     "set_default_store",
 ]
