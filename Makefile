@@ -18,6 +18,7 @@ install: $(STAMP)
 lint: install
 	$(BIN)/ruff check nodekit tests recipes benchmarks
 	$(BIN)/ruff format --check nodekit tests recipes benchmarks
+	$(BIN)/lint-imports --no-logo
 
 typecheck: install
 	$(BIN)/mypy
@@ -35,4 +36,4 @@ bench: install
 	$(BIN)/python -m benchmarks.run
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .import_linter_cache

@@ -15,7 +15,7 @@ Every round has a fresh data directory and order-id prefix, and is checked after
 timed): every order charged once and sent one receipt by the server's ledger, the stock
 decremented once per order, one audit file per order with the order's content.
 
-The API runs in its own process (``python -m nodekit.testing._server``), so that its request
+The API runs in its own process (``python -m recipes._demo_api``), so that its request
 threads do not share the benchmark's GIL; both subjects talk to the same server.
 
 ``python -m benchmarks.bench_checkout`` writes its section of BENCHMARKS.md; ``--quick`` is a
@@ -60,7 +60,7 @@ BUSY_LOAD = 1.5
 # its GIL.
 SERVER = """\
 import sys
-import nodekit.testing._server as server
+import recipes._demo_api as server
 
 sys.exit(server.main(sys.argv[1:]))
 """

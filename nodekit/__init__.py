@@ -7,9 +7,9 @@ idempotency keys and structured events, chosen by what the function does to the 
 
 from typing import TYPE_CHECKING
 
-from ._context import NodeContext, context, managed, override, resource, use
+from ._classify import classify
+from ._context import NodeContext, context
 from ._errors import (
-    CircuitOpen,
     ConfigError,
     FlowError,
     IdempotencyCorruptRecord,
@@ -32,10 +32,11 @@ from ._events import (
     configure_logging,
     remove_sink,
 )
-from ._flow import Flow
 from ._map import MapResult
 from ._node import Node, node
-from ._policies import Effect, Retry, Timeout, classify
+from ._policies import Effect, Retry, Timeout
+from ._resources import managed, override, resource, use
+from .flow import Flow
 from .idempotency import (
     Idempotency,
     MemoryStore,
@@ -54,7 +55,6 @@ if TYPE_CHECKING:  # imported lazily at run time (see __getattr__), typed here
 __version__ = "0.1.0.dev0"
 
 __all__ = [
-    "CircuitOpen",
     "ConfigError",
     "ContextFilter",
     "Effect",

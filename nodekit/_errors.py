@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
-    "CircuitOpen",
     "ConfigError",
     "FlowError",
     "IdempotencyCorruptRecord",
@@ -95,10 +94,6 @@ class IdempotencyCorruptRecord(NodekitError):
     """A stored record cannot be decoded; the node does not run and the record is kept."""
 
     key_fingerprint: str | None = None
-
-
-class CircuitOpen(NodekitError):
-    """Calls are refused while a circuit breaker is open."""
 
 
 class FlowError(NodekitError):

@@ -20,6 +20,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ._runtime import CURRENT, RUNTIME
+
 __all__ = [
     "Event",
     "Metrics",
@@ -134,29 +136,20 @@ class Sink(Protocol):
     def __call__(self, event: Event, /) -> None: ...
 
 
-class _Hub:
-    """The registered sinks; a tuple swapped atomically so emit never takes a lock."""
-
-    __slots__ = ("lock", "sinks")
-
-    def __init__(self) -> None:
-        self.sinks: tuple[Sink, ...] = ()
-        self.lock = threading.Lock()
-
-
-HUB = _Hub()
-_is_enabled_for = logger.isEnabledFor
+# The sinks are `RUNTIME.sinks`: a tuple replaced whole under `RUNTIME.lock`, so that emit never
+# takes a lock; `RUNTIME.reset()` drops every sink.
+is_enabled_for = logger.isEnabledFor
 
 
 def observed() -> bool:
     """Whether anyone listens to per-call (DEBUG) events: the hot path's one question."""
-    return bool(HUB.sinks) or _is_enabled_for(DEBUG)
+    return bool(RUNTIME.sinks) or is_enabled_for(DEBUG)
 
 
 def add_sink(sink: Sink) -> Callable[[], None]:
     """Register a sink for every event in this process; returns a function that removes it."""
-    with HUB.lock:
-        HUB.sinks = (*HUB.sinks, sink)
+    with RUNTIME.lock:
+        RUNTIME.sinks = (*RUNTIME.sinks, sink)
 
     def remove() -> None:
         remove_sink(sink)
@@ -166,13 +159,13 @@ def add_sink(sink: Sink) -> Callable[[], None]:
 
 def remove_sink(sink: Sink) -> None:
     """Unregister a sink added with `add_sink` (no error if it is not registered)."""
-    with HUB.lock:
-        sinks = list(HUB.sinks)
+    with RUNTIME.lock:
+        sinks = list(RUNTIME.sinks)
         for index, item in enumerate(sinks):
             if item is sink:
                 del sinks[index]
                 break
-        HUB.sinks = tuple(sinks)
+        RUNTIME.sinks = tuple(sinks)
 
 
 def short_error(exc: BaseException, limit: int = 200) -> str:
@@ -193,8 +186,8 @@ def emit(
 ) -> None:
     """Build and deliver one event, if anyone listens to its level."""
     level = _LEVELS.get(name, INFO)
-    sinks = HUB.sinks
-    log = _is_enabled_for(level)
+    sinks = RUNTIME.sinks
+    log = is_enabled_for(level)
     if not sinks and not log:
         return
     event = Event(
@@ -331,9 +324,8 @@ class ContextFilter(logging.Filter):
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from ._context import current_or_none
-
-        ctx = current_or_none()
+        # read by attribute: events sit below the node context and never import it
+        ctx = CURRENT.get()
         record.node = ctx.node if ctx is not None else None
         record.run_id = ctx.run_id if ctx is not None else None
         record.attempt = ctx.attempt if ctx is not None else None

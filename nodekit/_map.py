@@ -21,12 +21,10 @@ from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from ._errors import ConfigError
-
-if TYPE_CHECKING:
-    from ._node import NodeSpec
+from ._spec import NodeSpec
 
 __all__ = ["LoopRunner", "MapResult", "attach_map", "map_async", "map_sync"]
 

@@ -1,10 +1,11 @@
 """The `node` decorator: decide everything once, so that the call path does almost nothing.
 
 At decoration time the function is classified (sync or async), its options validated and
-compiled (`ConfigError` naming the node and the option), its resource parameters found, and
-one of a few wrappers chosen. The common wrapper's success path sets the node context, calls
-the function and resets the context; retries, timeouts, idempotency and events are entered
-only when they are needed.
+compiled into a `NodeSpec` (`ConfigError` naming the node and the option), its resource
+parameters found, and its driver chosen: the attempt loop, or a keyed call holding its claim
+around it. The wrapper sets the node's context and calls the one call path
+(`_execution.call_sync` / `call_async`); a plain node with nothing to bind goes straight to
+the attempt loop, whose first pass is the success path.
 """
 
 from __future__ import annotations
@@ -16,24 +17,26 @@ import time
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, Generic, ParamSpec, Protocol, TypeVar, overload
 
-from . import _context, _events
-from ._context import _LOG_ATTEMPT, _LOG_NODE, _LOG_RUN, NodeContext, Resource
+from ._context import NodeContext
 from ._errors import ConfigError
-from ._execution import call_async, call_sync, retry_async, retry_sync
+from ._execution import call_async, call_sync, run_async, run_sync
 from ._map import MapResult, attach_map
-from ._policies import (
-    Effect,
-    Retry,
-    RetryPlan,
-    Seconds,
-    Timeout,
-    TimeoutPlan,
-    compile_effect,
-    compile_retry,
-    compile_timeout,
-)
+from ._policies import Effect, Retry, Seconds, Timeout
+from ._resources import Resource
+from ._runtime import CURRENT
+from ._spec import NodeSpec
+from .idempotency._keyed import keyed_async, keyed_sync, on_abandoned_finish
+from .idempotency._policy import compile_idempotency
 
-__all__ = ["Node", "NodeSpec", "node"]
+__all__ = [
+    "Node",
+    "NodeSpec",
+    "build",
+    "call_in_context_async",
+    "call_in_context_sync",
+    "new_context",
+    "node",
+]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -62,87 +65,6 @@ class Node(Protocol, Generic[P, R]):
     ) -> Coroutine[Any, Any, MapResult[Any]]:
         """Await the node once per item (tasks, or threads for a sync node), in input order."""
         ...
-
-
-class NodeSpec:
-    """Everything decided about a node at decoration time."""
-
-    __slots__ = (
-        "attempt_timeout",
-        "config",
-        "drive_async",
-        "drive_sync",
-        "effect",
-        "fn",
-        "idempotency",
-        "is_async",
-        "name",
-        "named",
-        "on_abandoned_finish",
-        "replay_safe",
-        "resources",
-        "retry",
-        "return_type",
-        "signature",
-        "threaded",
-        "timeout",
-        "total_timeout",
-    )
-
-    def __init__(self, fn: Callable[..., Any], config: dict[str, Any]) -> None:
-        self.fn = fn
-        self.config = config
-        name = config.get("name")
-        self.named = name is not None
-        if name is None:
-            name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
-            if name is None:
-                name = type(fn).__qualname__
-        if not isinstance(name, str) or not name:
-            raise ConfigError(f"node name must be a non-empty string, got {name!r}", option="name")
-        self.name = name
-        self.is_async = _is_async(fn)
-        self.retry: RetryPlan | None = compile_retry(config.get("retry"), node=name)
-        self.timeout: TimeoutPlan | None = compile_timeout(config.get("timeout"), node=name)
-        self.attempt_timeout = self.timeout.attempt if self.timeout else None
-        self.total_timeout = self.timeout.total if self.timeout else None
-        self.threaded = self.timeout is not None
-        self.effect = compile_effect(config.get("effect", Effect.WRITE), node=name)
-        try:
-            self.signature: inspect.Signature | None = inspect.signature(fn)
-        except (TypeError, ValueError):
-            self.signature = None
-        self.resources = _resource_params(name, self.signature)
-        self.return_type = _return_type(fn)
-        self.on_abandoned_finish: Callable[..., None] | None = None
-        self.idempotency: Any = None
-        # what runs a call once its context is set: the attempt loop, or the keyed call
-        self.drive_sync: Callable[..., Any] = call_sync
-        self.drive_async: Callable[..., Coroutine[Any, Any, Any]] = call_async
-        # True when a repeated effect is harmless (a key guards it): ambiguous errors retry.
-        # nodekit.sql sets it for its transactions, whose key lives in the user's database.
-        self.replay_safe = False
-        idem = config.get("idempotency")
-        if idem is not None:
-            from .idempotency._policy import compile_idempotency
-            from .idempotency._run import idempotent_async, idempotent_sync, on_abandoned_finish
-
-            self.drive_sync = idempotent_sync
-            self.drive_async = idempotent_async
-
-            self.idempotency = compile_idempotency(idem, self)
-            self.replay_safe = True
-            self.on_abandoned_finish = on_abandoned_finish
-
-    def __repr__(self) -> str:
-        return f"NodeSpec({self.name!r}, effect={self.effect!r}, async={self.is_async})"
-
-
-def _is_async(fn: Callable[..., Any]) -> bool:
-    if inspect.iscoroutinefunction(fn):
-        return True
-    call = getattr(fn, "__call__", None)  # noqa: B004 - callable instances with async __call__
-    return not inspect.isfunction(fn) and call is not None and inspect.iscoroutinefunction(call)
 
 
 def _check_callable(fn: object) -> None:
@@ -183,213 +105,101 @@ def _resource_params(node: str, signature: inspect.Signature | None) -> tuple[tu
     return tuple(found)
 
 
-def _return_type(fn: Callable[..., Any]) -> Any:
-    try:
-        hints = inspect.get_annotations(fn, eval_str=True)
-    except Exception:
-        try:
-            hints = dict(getattr(fn, "__annotations__", {}) or {})
-        except Exception:
-            return inspect.Signature.empty
-    return hints.get("return", inspect.Signature.empty)
+def compile_spec(fn: Callable[..., Any], config: dict[str, Any]) -> NodeSpec:
+    """The node's spec: options compiled, resource parameters found, driver chosen."""
+    spec = NodeSpec(fn, config, drive_sync=run_sync, drive_async=run_async)
+    spec.resources = _resource_params(spec.name, spec.signature)
+    idem = config.get("idempotency")
+    if idem is not None:
+        spec.idempotency = compile_idempotency(idem, spec)
+        spec.drive_sync = keyed_sync
+        spec.drive_async = keyed_async
+        spec.replay_safe = True
+        spec.on_abandoned_finish = on_abandoned_finish
+    return spec
 
 
-def _sync_wrapper(spec: NodeSpec) -> Callable[..., Any]:
-    fn = spec.fn
-    plan = spec.retry
-    current = _context._CURRENT
-    get, set_, reset = current.get, current.set, current.reset
-    hub = _events.HUB
-    debug_enabled = _events._is_enabled_for
-    DEBUG = _events.DEBUG
-    modules = sys.modules
-    slow = spec.threaded or spec.resources or spec.idempotency is not None
-
-    if not slow:
-
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            parent = get()
-            ctx = NodeContext(spec, parent, None if parent is None else parent.deadline)
-            token = set_(ctx)
-            try:
-                if hub.sinks or debug_enabled(DEBUG):
-                    return _observed_sync(spec, ctx, args, kwargs)
-                if "structlog" in modules:
-                    return _logged_sync(spec, ctx, args, kwargs)
-                try:
-                    return fn(*args, **kwargs)
-                except Exception as exc:
-                    if plan is None:
-                        raise
-                    return retry_sync(spec, ctx, args, kwargs, exc)
-            finally:
-                reset(token)
-
-    else:
-
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            ctx = new_context(spec)
-            token = set_(ctx)
-            try:
-                return _observed_sync(spec, ctx, args, kwargs)
-            finally:
-                reset(token)
-
-    return wrapper
-
-
-def _async_wrapper(spec: NodeSpec) -> Callable[..., Coroutine[Any, Any, Any]]:
-    fn = spec.fn
-    plan = spec.retry
-    current = _context._CURRENT
-    get, set_, reset = current.get, current.set, current.reset
-    hub = _events.HUB
-    debug_enabled = _events._is_enabled_for
-    DEBUG = _events.DEBUG
-    modules = sys.modules
-    slow = spec.threaded or spec.resources or spec.idempotency is not None
-
-    if not slow:
-
-        async def wrapper(*args: Any, **kwargs: Any) -> Any:
-            parent = get()
-            ctx = NodeContext(spec, parent, None if parent is None else parent.deadline)
-            token = set_(ctx)
-            try:
-                if hub.sinks or debug_enabled(DEBUG):
-                    return await _observed_async(spec, ctx, args, kwargs)
-                if "structlog" in modules:
-                    return await _logged_async(spec, ctx, args, kwargs)
-                try:
-                    return await fn(*args, **kwargs)
-                except Exception as exc:
-                    if plan is None:
-                        raise
-                    return await retry_async(spec, ctx, args, kwargs, exc)
-            finally:
-                reset(token)
-
-    else:
-
-        async def wrapper(*args: Any, **kwargs: Any) -> Any:
-            ctx = new_context(spec)
-            token = set_(ctx)
-            try:
-                return await _observed_async(spec, ctx, args, kwargs)
-            finally:
-                reset(token)
-
-    return wrapper
-
-
-def new_context(spec: NodeSpec) -> NodeContext:
-    """A call's context: the enclosing node's deadline, shortened by this node's total timeout."""
-    parent = _context._CURRENT.get()
+def _deadline(spec: NodeSpec, parent: NodeContext | None) -> float | None:
+    """A call's deadline: the enclosing node's, shortened by this node's total timeout."""
     deadline = None if parent is None else parent.deadline
     total = spec.total_timeout
     if total is not None:
         own = time.monotonic() + total
         deadline = own if deadline is None or own < deadline else deadline
-    return NodeContext(spec, parent, deadline)
+    return deadline
 
 
-def _bind_log(ctx: NodeContext) -> tuple[Any, ...] | None:
-    """Bind node, run_id and attempt for structlog on the observed path (events are on)."""
-    if "structlog" not in sys.modules:
-        return None
-    return (
-        _LOG_NODE.set(ctx.node),
-        _LOG_RUN.set(ctx.run_id),
-        _LOG_ATTEMPT.set(ctx.attempt),
-    )
+def _sync_wrapper(spec: NodeSpec) -> Callable[..., Any]:
+    get, set_, reset = CURRENT.get, CURRENT.set, CURRENT.reset
+    modules = sys.modules
+    # nothing to bind or inject, no key: straight to the attempt loop (unless structlog wants ids)
+    plain = spec.drive_sync is run_sync and not spec.resources
+    total = spec.total_timeout
 
-
-def _unbind_log(tokens: tuple[Any, ...] | None) -> None:
-    if tokens is not None:
-        _LOG_ATTEMPT.reset(tokens[2])
-        _LOG_RUN.reset(tokens[1])
-        _LOG_NODE.reset(tokens[0])
-
-
-def _logged_sync(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any) -> Any:
-    """The fast path with node, run_id and attempt bound for structlog's merge_contextvars."""
-    t_node = _LOG_NODE.set(spec.name)
-    t_run = _LOG_RUN.set(_context.bind_run_id(ctx))
-    t_attempt = _LOG_ATTEMPT.set(1)
-    try:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        parent = get()
+        if total is None:
+            ctx = NodeContext(spec, parent, None if parent is None else parent.deadline)
+        else:
+            ctx = NodeContext(spec, parent, _deadline(spec, parent))
+        token = set_(ctx)
         try:
-            return spec.fn(*args, **kwargs)
-        except Exception as exc:
-            if spec.retry is None:
-                raise
-            return retry_sync(spec, ctx, args, kwargs, exc)
-    finally:
-        _LOG_ATTEMPT.reset(t_attempt)
-        _LOG_RUN.reset(t_run)
-        _LOG_NODE.reset(t_node)
+            call = run_sync if plain and "structlog" not in modules else call_sync
+            return call(spec, ctx, args, kwargs)
+        finally:
+            reset(token)
+
+    return wrapper
 
 
-async def _logged_async(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any) -> Any:
-    t_node = _LOG_NODE.set(spec.name)
-    t_run = _LOG_RUN.set(_context.bind_run_id(ctx))
-    t_attempt = _LOG_ATTEMPT.set(1)
-    try:
+def _async_wrapper(spec: NodeSpec) -> Callable[..., Coroutine[Any, Any, Any]]:
+    get, set_, reset = CURRENT.get, CURRENT.set, CURRENT.reset
+    modules = sys.modules
+    plain = spec.drive_async is run_async and not spec.resources
+    total = spec.total_timeout
+
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        parent = get()
+        if total is None:
+            ctx = NodeContext(spec, parent, None if parent is None else parent.deadline)
+        else:
+            ctx = NodeContext(spec, parent, _deadline(spec, parent))
+        token = set_(ctx)
         try:
-            return await spec.fn(*args, **kwargs)
-        except Exception as exc:
-            if spec.retry is None:
-                raise
-            return await retry_async(spec, ctx, args, kwargs, exc)
-    finally:
-        _LOG_ATTEMPT.reset(t_attempt)
-        _LOG_RUN.reset(t_run)
-        _LOG_NODE.reset(t_node)
+            call = run_async if plain and "structlog" not in modules else call_async
+            return await call(spec, ctx, args, kwargs)
+        finally:
+            reset(token)
+
+    return wrapper
 
 
-def _observed_sync(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any) -> Any:
-    tokens = _bind_log(ctx)
-    try:
-        if spec.resources:
-            kwargs = dict(kwargs)
-            _context.inject(spec.name, spec.resources, kwargs)
-        return spec.drive_sync(spec, ctx, args, kwargs)
-    finally:
-        _unbind_log(tokens)
-
-
-async def _observed_async(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any) -> Any:
-    tokens = _bind_log(ctx)
-    try:
-        if spec.resources:
-            kwargs = dict(kwargs)
-            await _context.ainject(spec.name, spec.resources, kwargs)
-        return await spec.drive_async(spec, ctx, args, kwargs)
-    finally:
-        _unbind_log(tokens)
+def new_context(spec: NodeSpec) -> NodeContext:
+    """A call's context under the current one (a flow sets it for the nodes it runs)."""
+    parent = CURRENT.get()
+    return NodeContext(spec, parent, _deadline(spec, parent))
 
 
 def call_in_context_sync(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any) -> Any:
-    """Call the node in a context its caller prepared (a flow's journal sets the key on it).
-
-    The same steps as the wrapper's observed path; the wrappers inline them for speed.
-    """
-    token = _context._CURRENT.set(ctx)
+    """Call the node in a context its caller prepared (a flow's journal sets the key on it):
+    the same call path as the decorated function's."""
+    token = CURRENT.set(ctx)
     try:
-        return _observed_sync(spec, ctx, args, kwargs)
+        return call_sync(spec, ctx, args, kwargs)
     finally:
-        _context._CURRENT.reset(token)
+        CURRENT.reset(token)
 
 
 async def call_in_context_async(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any) -> Any:
     """The async twin of `call_in_context_sync`."""
-    token = _context._CURRENT.set(ctx)
+    token = CURRENT.set(ctx)
     try:
-        return await _observed_async(spec, ctx, args, kwargs)
+        return await call_async(spec, ctx, args, kwargs)
     finally:
-        _context._CURRENT.reset(token)
+        CURRENT.reset(token)
 
 
-def _build(fn: Callable[..., Any], config: dict[str, Any]) -> Any:
+def build(fn: Callable[..., Any], config: dict[str, Any]) -> Any:
     _check_callable(fn)
     unknown = set(config) - set(_OPTIONS)
     if unknown:
@@ -400,7 +210,7 @@ def _build(fn: Callable[..., Any], config: dict[str, Any]) -> Any:
             node=label,
             option=sorted(unknown)[0],
         )
-    spec = NodeSpec(fn, config)
+    spec = compile_spec(fn, config)
     wrapper = _async_wrapper(spec) if spec.is_async else _sync_wrapper(spec)
     try:
         functools.update_wrapper(wrapper, fn)
@@ -424,7 +234,7 @@ def _build(fn: Callable[..., Any], config: dict[str, Any]) -> Any:
 
 def _options(fn: Callable[..., Any], config: dict[str, Any], **changes: Any) -> Any:
     """A re-configured copy of the node (e.g. ``charge.options(retry=None)`` in one test)."""
-    return _build(fn, {**config, **changes})
+    return build(fn, {**config, **changes})
 
 
 @overload
@@ -455,10 +265,10 @@ def node(fn: Callable[..., Any] | None = None, /, **config: Any) -> Any:
     if fn is not None:
         if config:  # pragma: no cover - the overloads forbid it
             raise ConfigError("use @nk.node or @nk.node(...), not both")
-        return _build(fn, {})
+        return build(fn, {})
 
     def decorate(target: Callable[..., Any]) -> Any:
         # Options are checked here, not above, so that the error can name the node.
-        return _build(target, dict(config))
+        return build(target, dict(config))
 
     return decorate

@@ -25,7 +25,7 @@ from typing import Any
 
 from ._context import current_or_none
 from ._events import emit
-from ._execution import CLOCK
+from ._runtime import RUNTIME
 
 __all__ = [
     "aput",
@@ -210,7 +210,7 @@ def read_bytes(path: StrPath, *, attempts: int = 3) -> bytes:
         except OSError as exc:
             if exc.errno not in _TRANSIENT or attempt >= attempts:
                 raise
-        CLOCK.sleep(_backoff(attempt))
+        RUNTIME.sleep(_backoff(attempt))
         attempt += 1
 
 
@@ -275,7 +275,7 @@ async def aread_bytes(path: StrPath, *, attempts: int = 3) -> bytes:
         except OSError as exc:
             if exc.errno not in _TRANSIENT or attempt >= attempts:
                 raise
-        await CLOCK.asleep(_backoff(attempt))
+        await RUNTIME.asleep(_backoff(attempt))
         attempt += 1
 
 

@@ -38,10 +38,10 @@ except ImportError as exc:
         "nodekit.http needs httpx: pip install 'nodekit[http]'", name=exc.name
     ) from exc
 
+from ._classify import parse_retry_after
 from ._context import NodeContext, current_or_none
 from ._errors import IdempotencyInProgress, IdempotencyMismatch, NodeTimeout
 from ._events import emit
-from ._policies import parse_retry_after
 
 __all__ = [
     "IDEMPOTENCY_HEADER",

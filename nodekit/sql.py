@@ -27,14 +27,17 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
+from ._canonical import canonical_json, digest
 from ._context import context, current_or_none
-from ._errors import ConfigError, IdempotencyMismatch, NodekitError
+from ._errors import ConfigError
 from ._events import emit
 from ._node import Node, node
 from ._policies import Effect, Retry, Seconds, Timeout
 from ._sqlite import database_file, writer_lock
-from .idempotency._keys import canonical_json
+from .idempotency._claim import MISMATCH
+from .idempotency._keyed import refusal_error, replayed
 from .idempotency._policy import Idempotency, IdempotencyPlan
+from .idempotency._store import RecordKey
 
 __all__ = ["Message", "Outbox", "transactional"]
 
@@ -185,33 +188,23 @@ def _pg_idle(conn: Any, what: str) -> None:
         )
 
 
-def _replayed(
-    plan: IdempotencyPlan, name: str, row: tuple[Any, ...], fingerprint: str, short: str
-) -> Any:
+def _replayed(plan: IdempotencyPlan, key: RecordKey, row: tuple[Any, ...], fingerprint: str) -> Any:
+    """The outcome a committed key row replays; a different payload is a mismatch."""
     stored_fp, result, error = row
-    if stored_fp != fingerprint:
-        emit("idempotency.mismatch", name, None, 0, key=short)
-        raise IdempotencyMismatch(
-            f"node {name!r}: key {short} was applied before with a different payload; nothing ran",
-            node=name,
-            key_fingerprint=short,
-        )
+    name = plan.node
     ctx = current_or_none()
+    run_id, attempt = (ctx.run_id, ctx.attempt) if ctx is not None else (None, 0)
+    if stored_fp != fingerprint:
+        emit("idempotency.mismatch", name, run_id, attempt, key=key.short)
+        raise refusal_error(MISMATCH, name, key)
     if ctx is not None:
         ctx.replayed = True
-    run_id, attempt = (ctx.run_id, ctx.attempt) if ctx is not None else (None, 0)
-    emit("idempotency.replayed", name, run_id, attempt, key=short)
-    emit("node.replayed", name, run_id, attempt, key=short)
-    if error is not None:
-        failure, unavailable = plan.results.decode_error(error)
-        if failure is not None:
-            raise failure
-        raise NodekitError(
-            f"node {name!r}: key {short} was applied, but its result could not be stored "
-            f"({unavailable}); the effect will not run again",
-            node=name,
-        )
-    return plan.results.decode_result(result) if result is not None else None
+    emit("idempotency.replayed", name, run_id, attempt, key=key.short)
+    emit("node.replayed", name, run_id, attempt, key=key.short)
+    value, failure = replayed(plan, name, key, result, error)
+    if failure is not None:
+        raise failure
+    return value
 
 
 # Only ever lowers the session's statement_timeout (0 means none), in the transaction only.
@@ -406,7 +399,7 @@ def _once_sync(
         cur.execute(insert, (key.namespace, key.digest, fingerprint, time.time()))
         if cur.rowcount != 1:
             row = cur.execute(select, (key.namespace, key.digest)).fetchone()
-            return _replayed(plan, plan.node, tuple(row), fingerprint, key.short)
+            return _replayed(plan, key, tuple(row), fingerprint)
         value = fn(*args, **kwargs)
         text, error = plan.results.encode_result(value)
         cur.execute(update, (text, error, key.namespace, key.digest))
@@ -455,7 +448,7 @@ async def _once_async(
         await cur.execute(insert, (key.namespace, key.digest, fingerprint, time.time()))
         if cur.rowcount != 1:
             row = await (await cur.execute(select, (key.namespace, key.digest))).fetchone()
-            return _replayed(plan, plan.node, tuple(row), fingerprint, key.short)
+            return _replayed(plan, key, tuple(row), fingerprint)
         value = await fn(*args, **kwargs)
         text, error = plan.results.encode_result(value)
         await cur.execute(update, (text, error, key.namespace, key.digest))
@@ -549,7 +542,6 @@ class Outbox:
     def _message_key(topic: str, payload: Any, key: str | None) -> str:
         if key is not None:
             return key
-        from .idempotency._keys import digest
 
         material = digest(canonical_json([topic, payload]))
         ctx = current_or_none()

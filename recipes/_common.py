@@ -9,7 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from nodekit.testing import FaultPlan, LocalAPI
+from nodekit.testing import FaultPlan
+
+from ._demo_api import DemoAPI
 
 __all__ = ["api_base", "connect", "data_dir", "parser"]
 
@@ -54,8 +56,8 @@ def api_base(
     seed: int = 1,
     script: Any = (),
     **options: Any,
-) -> Iterator[tuple[str, LocalAPI | None]]:
-    """The API's base URL: `url` as given, or a `LocalAPI` started for the block.
+) -> Iterator[tuple[str, DemoAPI | None]]:
+    """The API's base URL: `url` as given, or a local `DemoAPI` started for the block.
 
     `faults` is the local API's random fault rate; `script` (see `FaultPlan.script`) adds
     faults at fixed places.
@@ -68,7 +70,7 @@ def api_base(
         if faults or script
         else None
     )
-    with LocalAPI(faults=plan, seed=seed, **options) as api:
+    with DemoAPI(faults=plan, seed=seed, **options) as api:
         yield api.url, api
 
 

@@ -14,7 +14,7 @@ import pytest
 import redis.exceptions
 
 import nodekit as nk
-from nodekit._policies import parse_retry_after, retry_after
+from nodekit._classify import parse_retry_after, retry_after
 
 
 def target(x: int) -> int:

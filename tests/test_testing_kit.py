@@ -11,7 +11,7 @@ import pytest
 
 import nodekit as nk
 import nodekit.testing
-from nodekit._execution import CLOCK
+from nodekit._runtime import RUNTIME
 from nodekit.testing import Events, Flaky, Instant, capture_events, instant
 
 RETRY = nk.Retry(attempts=3, initial=1, multiplier=3, jitter=0)
@@ -102,16 +102,16 @@ async def test_instant_records_the_requested_waits_without_sleeping_async() -> N
 
 
 def test_instant_restores_real_waits_after_the_block() -> None:
-    real = CLOCK.sleep, CLOCK.asleep
+    real = RUNTIME.sleep, RUNTIME.asleep
 
     def fail_inside() -> None:
         with instant():
-            assert (CLOCK.sleep, CLOCK.asleep) != real
+            assert (RUNTIME.sleep, RUNTIME.asleep) != real
             raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
         fail_inside()
-    assert (CLOCK.sleep, CLOCK.asleep) == real
+    assert (RUNTIME.sleep, RUNTIME.asleep) == real
 
 
 def test_instant_leaves_the_code_under_tests_own_sleeps_alone() -> None:

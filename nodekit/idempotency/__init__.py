@@ -4,7 +4,7 @@ The public names are re-exported from `nodekit`; this package also exposes the s
 (`Store`, `Record`, `RecordKey`, `Acquisition`) for people who write their own store.
 """
 
-from ._keys import canonical_json, derive_key
+from .._canonical import canonical_json, derive_key
 from ._open import default_store, open_store, set_default_store
 from ._policy import Codec, Idempotency, NodekitWarning
 from ._resolve import aresolve, resolve

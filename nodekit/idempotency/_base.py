@@ -8,13 +8,14 @@ import functools
 import os
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, TypeGuard, TypeVar, cast
+from typing import Any, Self, TypeGuard, TypeVar, cast
 
 from ._store import COMPLETED, IN_PROGRESS, Acquisition, Record, RecordKey, SyncStore
 
 T = TypeVar("T")
 
 __all__ = [
+    "Closing",
     "ThreadedAsync",
     "acquisition",
     "can_acquire",
@@ -81,6 +82,7 @@ def acquisition(
     lease: float,
     ttl: float,
     takeover: bool,
+    token: str | None = None,
 ) -> tuple[Acquisition, Record | None]:
     """Decide an acquire against `existing`; returns the answer and the record to write."""
     ok, took_over = can_acquire(existing, fingerprint, now, takeover)
@@ -88,7 +90,7 @@ def acquisition(
         assert existing is not None
         return Acquisition(False, existing, now=now), None
     epoch = (existing.epoch if existing is not None else 0) + 1
-    record = fresh_record(key, fingerprint, new_token(), epoch, now, lease, ttl)
+    record = fresh_record(key, fingerprint, token or new_token(), epoch, now, lease, ttl)
     return Acquisition(True, record, takeover=took_over, now=now), record
 
 
@@ -124,6 +126,28 @@ def completed(
     )
 
 
+class Closing:
+    """`with store:` / `async with store:` close the store on exit (sync or async)."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
 class ThreadedAsync:
     """Async twins that run the sync operation in the store's own worker threads.
 
@@ -153,10 +177,23 @@ class ThreadedAsync:
             executor.shutdown(wait=False)
 
     async def aacquire(
-        self, key: RecordKey, fingerprint: str, *, lease: float, ttl: float, takeover: bool = True
+        self,
+        key: RecordKey,
+        fingerprint: str,
+        *,
+        lease: float,
+        ttl: float,
+        takeover: bool = True,
+        token: str | None = None,
     ) -> Acquisition:
         return await self._run(
-            self._sync().acquire, key, fingerprint, lease=lease, ttl=ttl, takeover=takeover
+            self._sync().acquire,
+            key,
+            fingerprint,
+            lease=lease,
+            ttl=ttl,
+            takeover=takeover,
+            token=token,
         )
 
     async def acomplete(

@@ -2,36 +2,36 @@
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 from urllib.parse import unquote, urlparse
 
 from .._errors import ConfigError
+from .._runtime import RUNTIME
 
 __all__ = ["default_store", "open_store", "set_default_store"]
-
-_default: Any = None
-_lock = threading.Lock()
 
 
 def set_default_store(store: Any) -> None:
     """Set the store used by keyed nodes that name none (a store or a URL)."""
-    global _default
-    with _lock:
-        _default = open_store(store) if isinstance(store, str) else store
+    if isinstance(store, str):
+        store = open_store(store)
+    with RUNTIME.lock:
+        RUNTIME.default_store = store
 
 
 def default_store() -> Any:
-    """The process default store: a `MemoryStore` unless `set_default_store` chose another."""
-    global _default
-    store = _default
-    if store is None:
-        with _lock:
-            if _default is None:
-                from .memory import MemoryStore
+    """The process default store: a `MemoryStore` unless `set_default_store` chose another.
 
-                _default = MemoryStore()
-            store = _default
+    Kept in `RUNTIME.default_store`, so that `RUNTIME.reset()` forgets it.
+    """
+    store = RUNTIME.default_store
+    if store is None:
+        from .memory import MemoryStore
+
+        with RUNTIME.lock:
+            store = RUNTIME.default_store
+            if store is None:
+                store = RUNTIME.default_store = MemoryStore()
     return store
 
 

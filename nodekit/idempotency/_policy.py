@@ -14,17 +14,16 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import Any, Literal, Protocol
 
-from .._context import find_slot
+from .._canonical import canonical, digest, dumps
 from .._errors import ConfigError
 from .._policies import Effect, Seconds, seconds
-from ._keys import canonical, digest, dumps
+from .._resources import find_slot
+from .._spec import NodeSpec
+from ._codec import ResultCodec
 from ._open import default_store
 from ._store import RecordKey
-
-if TYPE_CHECKING:
-    from .._node import NodeSpec
 
 __all__ = ["Codec", "Idempotency", "IdempotencyPlan", "NodekitWarning", "compile_idempotency"]
 
@@ -132,21 +131,58 @@ class IdempotencyPlan:
                 node=node,
                 option="idempotency",
             )
-        self.signature = spec.signature
-        resource_names = {param for param, _ in spec.resources}
-        self.params = {
-            n: p for n, p in spec.signature.parameters.items() if n not in resource_names
-        }
+        self._bind_plan(spec.signature, {param for param, _ in spec.resources})
+        self.key_params = _picker(policy.key, node, "idempotency.key", self.params)
+        self.scope_params = _check_scope(policy.scope, node, self.params)
+        self.fields = _check_fields(policy.fields, node, self.params)
+        if policy.on_conflict not in ("raise", "wait"):
+            raise ConfigError(
+                f"node {node!r}: idempotency.on_conflict must be 'raise' or 'wait', got "
+                f"{policy.on_conflict!r}",
+                node=node,
+                option="idempotency.on_conflict",
+            )
+        self.delivery = _check_delivery(policy.delivery, node)
+        self.takeover = self.delivery == "at_least_once"
+        self._times(policy, spec)
+        self.cache_errors = _check_cache_errors(policy.cache_errors, node)
+        if policy.version is not None and not isinstance(policy.version, str | int):
+            raise ConfigError(
+                f"node {node!r}: idempotency.version must be a string or an int",
+                node=node,
+                option="idempotency.version",
+            )
+        self.namespace = node if policy.version is None else f"{node}@v{policy.version}"
+        secret = policy.secret
+        self.secret = secret.encode() if isinstance(secret, str) else secret
+        self.codec = _check_codec(policy.codec, node)
+        self.optional = bool(policy.optional)
+        self.on_replay = policy.on_replay
+        self.store_option = policy.store
+        self._store: Any = None
+        if policy.store is not None and not isinstance(policy.store, str):
+            _check_store(policy.store, node, spec.is_async)
+        if spec.effect is Effect.WRITE and not spec.named:
+            warnings.warn(
+                f"node {node!r} is a WRITE node with idempotency but no explicit name: its keys "
+                "are namespaced by the function's qualified name, which changes if the function "
+                "is renamed or moved. Pass @nk.node(name=...)",
+                NodekitWarning,
+                stacklevel=5,
+            )
+        self.results = ResultCodec(spec.return_type, node, self.codec, self.cache_errors)
+
+    def _bind_plan(self, signature: inspect.Signature, resource_names: set[str]) -> None:
+        """Which parameters make up the payload (resources excluded), and the fast binding."""
+        self.signature = signature
+        self.params = {n: p for n, p in signature.parameters.items() if n not in resource_names}
         self.resource_params = resource_names
-        kinds = {p.kind for p in spec.signature.parameters.values()}
-        plain = kinds <= {
-            inspect.Parameter.POSITIONAL_OR_KEYWORD,
-            inspect.Parameter.KEYWORD_ONLY,
-        }
+        kinds = {p.kind for p in signature.parameters.values()}
+        plain = kinds <= {inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY}
         self._positional: tuple[str, ...] | None = (
             tuple(
                 n
-                for n, p in spec.signature.parameters.items()
+                for n, p in signature.parameters.items()
                 if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
             )
             if plain
@@ -157,53 +193,10 @@ class IdempotencyPlan:
             for n, p in self.params.items()
             if p.default is not inspect.Parameter.empty
         )
-        self.key_params = _picker(policy.key, node, "idempotency.key", self.params)
-        self.scope_params = (
-            _picker(policy.scope, node, "idempotency.scope", self.params)
-            if callable(policy.scope)
-            else None
-        )
-        if (
-            policy.scope is not None
-            and not callable(policy.scope)
-            and not isinstance(policy.scope, str)
-        ):
-            raise ConfigError(
-                f"node {node!r}: idempotency.scope must be a string or a callable, got {policy.scope!r}",
-                node=node,
-                option="idempotency.scope",
-            )
-        if policy.fields is not None:
-            if isinstance(policy.fields, str):
-                raise ConfigError(
-                    f"node {node!r}: idempotency.fields must be a list of parameter names",
-                    node=node,
-                    option="idempotency.fields",
-                )
-            for name in policy.fields:
-                if name not in self.params:
-                    raise ConfigError(
-                        f"node {node!r}: idempotency.fields names {name!r}, which is not a parameter",
-                        node=node,
-                        option="idempotency.fields",
-                    )
-        self.fields = tuple(policy.fields) if policy.fields is not None else None
-        if policy.on_conflict not in ("raise", "wait"):
-            raise ConfigError(
-                f"node {node!r}: idempotency.on_conflict must be 'raise' or 'wait', got {policy.on_conflict!r}",
-                node=node,
-                option="idempotency.on_conflict",
-            )
-        delivery = policy.delivery or "at_least_once"
-        if delivery not in ("at_least_once", "at_most_once"):
-            raise ConfigError(
-                f"node {node!r}: idempotency.delivery must be 'at_least_once' or 'at_most_once', "
-                f"got {policy.delivery!r}",
-                node=node,
-                option="idempotency.delivery",
-            )
-        self.takeover = delivery == "at_least_once"
-        self.delivery = delivery
+
+    def _times(self, policy: Idempotency, spec: NodeSpec) -> None:
+        """TTL, skew, lease (from the node's time budget), and what the store is told."""
+        node = spec.name
         ttl = seconds(policy.ttl, node=node, option="idempotency.ttl", allow_none=False)
         assert ttl is not None
         self.ttl = ttl
@@ -230,51 +223,6 @@ class IdempotencyPlan:
         self.wait_timeout = (
             seconds(policy.wait_timeout, node=node, option="idempotency.wait_timeout") or self.lease
         )
-        for error in policy.cache_errors if isinstance(policy.cache_errors, tuple) else [None]:
-            if not (isinstance(error, type) and issubclass(error, Exception)):
-                raise ConfigError(
-                    f"node {node!r}: idempotency.cache_errors must be a tuple of exception types, "
-                    f"got {policy.cache_errors!r}",
-                    node=node,
-                    option="idempotency.cache_errors",
-                )
-        self.cache_errors = policy.cache_errors
-        if policy.version is not None and not isinstance(policy.version, str | int):
-            raise ConfigError(
-                f"node {node!r}: idempotency.version must be a string or an int",
-                node=node,
-                option="idempotency.version",
-            )
-        self.namespace = node if policy.version is None else f"{node}@v{policy.version}"
-        secret = policy.secret
-        self.secret = secret.encode() if isinstance(secret, str) else secret
-        if policy.codec is not None and not (
-            callable(getattr(policy.codec, "encode", None))
-            and callable(getattr(policy.codec, "decode", None))
-        ):
-            raise ConfigError(
-                f"node {node!r}: idempotency.codec must have encode() and decode()",
-                node=node,
-                option="idempotency.codec",
-            )
-        self.codec = policy.codec
-        self.optional = bool(policy.optional)
-        self.on_replay = policy.on_replay
-        self.store_option = policy.store
-        self._store: Any = None
-        if policy.store is not None and not isinstance(policy.store, str):
-            _check_store(policy.store, node, spec.is_async)
-        if spec.effect is Effect.WRITE and not spec.named:
-            warnings.warn(
-                f"node {node!r} is a WRITE node with idempotency but no explicit name: its keys "
-                "are namespaced by the function's qualified name, which changes if the function "
-                "is renamed or moved. Pass @nk.node(name=...)",
-                NodekitWarning,
-                stacklevel=5,
-            )
-        from ._codec import ResultCodec
-
-        self.results = ResultCodec(spec.return_type, node, self.codec, self.cache_errors)
 
     # ------------------------------------------------------------------ per call
 
@@ -368,6 +316,77 @@ class IdempotencyPlan:
             ) from exc
         scope_digest = digest(scope_text, self.secret)[:32] if scope_text else ""
         return RecordKey(self.namespace, scope_digest, digest(key_text, self.secret)), fingerprint
+
+
+def _check_scope(
+    scope: Any, node: str, params: dict[str, inspect.Parameter]
+) -> tuple[str, ...] | None:
+    if callable(scope):
+        return _picker(scope, node, "idempotency.scope", params)
+    if scope is not None and not isinstance(scope, str):
+        raise ConfigError(
+            f"node {node!r}: idempotency.scope must be a string or a callable, got {scope!r}",
+            node=node,
+            option="idempotency.scope",
+        )
+    return None
+
+
+def _check_fields(
+    fields: Any, node: str, params: dict[str, inspect.Parameter]
+) -> tuple[str, ...] | None:
+    if fields is None:
+        return None
+    if isinstance(fields, str):
+        raise ConfigError(
+            f"node {node!r}: idempotency.fields must be a list of parameter names",
+            node=node,
+            option="idempotency.fields",
+        )
+    for name in fields:
+        if name not in params:
+            raise ConfigError(
+                f"node {node!r}: idempotency.fields names {name!r}, which is not a parameter",
+                node=node,
+                option="idempotency.fields",
+            )
+    return tuple(fields)
+
+
+def _check_delivery(delivery: Any, node: str) -> str:
+    chosen = delivery or "at_least_once"
+    if chosen not in ("at_least_once", "at_most_once"):
+        raise ConfigError(
+            f"node {node!r}: idempotency.delivery must be 'at_least_once' or 'at_most_once', "
+            f"got {delivery!r}",
+            node=node,
+            option="idempotency.delivery",
+        )
+    return str(chosen)
+
+
+def _check_cache_errors(errors: Any, node: str) -> tuple[type[BaseException], ...]:
+    for error in errors if isinstance(errors, tuple) else [None]:
+        if not (isinstance(error, type) and issubclass(error, Exception)):
+            raise ConfigError(
+                f"node {node!r}: idempotency.cache_errors must be a tuple of exception types, "
+                f"got {errors!r}",
+                node=node,
+                option="idempotency.cache_errors",
+            )
+    return errors  # type: ignore[no-any-return]
+
+
+def _check_codec(codec: Any, node: str) -> Any:
+    if codec is not None and not (
+        callable(getattr(codec, "encode", None)) and callable(getattr(codec, "decode", None))
+    ):
+        raise ConfigError(
+            f"node {node!r}: idempotency.codec must have encode() and decode()",
+            node=node,
+            option="idempotency.codec",
+        )
+    return codec
 
 
 def _call_with(

@@ -107,7 +107,14 @@ class SyncStore(Protocol):
     """The synchronous half of the store protocol."""
 
     def acquire(
-        self, key: RecordKey, fingerprint: str, *, lease: float, ttl: float, takeover: bool = True
+        self,
+        key: RecordKey,
+        fingerprint: str,
+        *,
+        lease: float,
+        ttl: float,
+        takeover: bool = True,
+        token: str | None = None,
     ) -> Acquisition: ...
 
     def complete(
@@ -136,7 +143,14 @@ class AsyncStore(Protocol):
     """The asynchronous half: the same operations, awaited, never blocking the event loop."""
 
     async def aacquire(
-        self, key: RecordKey, fingerprint: str, *, lease: float, ttl: float, takeover: bool = True
+        self,
+        key: RecordKey,
+        fingerprint: str,
+        *,
+        lease: float,
+        ttl: float,
+        takeover: bool = True,
+        token: str | None = None,
     ) -> Acquisition: ...
 
     async def acomplete(

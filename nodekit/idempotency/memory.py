@@ -25,12 +25,19 @@ class MemoryStore:
         return f"MemoryStore({len(self._records)} records)"
 
     def acquire(
-        self, key: RecordKey, fingerprint: str, *, lease: float, ttl: float, takeover: bool = True
+        self,
+        key: RecordKey,
+        fingerprint: str,
+        *,
+        lease: float,
+        ttl: float,
+        takeover: bool = True,
+        token: str | None = None,
     ) -> Acquisition:
         with self._lock:
             now = self._clock()
             answer, record = acquisition(
-                key, self._records.get(key), fingerprint, now, lease, ttl, takeover
+                key, self._records.get(key), fingerprint, now, lease, ttl, takeover, token
             )
             if record is not None:
                 self._records[key] = record
@@ -74,9 +81,16 @@ class MemoryStore:
 
     # async twins: no I/O, so they run inline
     async def aacquire(
-        self, key: RecordKey, fingerprint: str, *, lease: float, ttl: float, takeover: bool = True
+        self,
+        key: RecordKey,
+        fingerprint: str,
+        *,
+        lease: float,
+        ttl: float,
+        takeover: bool = True,
+        token: str | None = None,
     ) -> Acquisition:
-        return self.acquire(key, fingerprint, lease=lease, ttl=ttl, takeover=takeover)
+        return self.acquire(key, fingerprint, lease=lease, ttl=ttl, takeover=takeover, token=token)
 
     async def acomplete(
         self, key: RecordKey, token: str, *, result: str | None, error: str | None, ttl: float

@@ -20,7 +20,7 @@ from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
 from .._errors import ConfigError
-from ._base import can_acquire, new_token
+from ._base import Closing, can_acquire, new_token
 from ._store import (
     COMPLETED,
     FORMAT_VERSION,
@@ -192,7 +192,7 @@ def _answer(rows: Sequence[Sequence[Any]], fingerprint: str, takeover: bool) -> 
     return Acquisition(False, prev, now=now)
 
 
-class PostgresStore:
+class PostgresStore(Closing):
     """Idempotency records in a PostgreSQL table (created, with its schema, if missing).
 
     `dsn` is a libpq URL or conninfo string. The sync methods use one autocommit connection
@@ -309,13 +309,19 @@ class PostgresStore:
         return None if self._clock is None else float(self._clock())
 
     def _acquire_params(
-        self, key: RecordKey, fingerprint: str, lease: float, ttl: float, takeover: bool
+        self,
+        key: RecordKey,
+        fingerprint: str,
+        lease: float,
+        ttl: float,
+        takeover: bool,
+        token: str | None,
     ) -> dict[str, Any]:
         return {
             **_key(key),
             "now": self._now(),
             "fingerprint": fingerprint,
-            "token": new_token(),
+            "token": token or new_token(),
             "lease": float(lease),
             "span": float(max(ttl, lease)),
             "takeover": bool(takeover),
@@ -343,11 +349,18 @@ class PostgresStore:
     # ------------------------------------------------------------------ sync protocol
 
     def acquire(
-        self, key: RecordKey, fingerprint: str, *, lease: float, ttl: float, takeover: bool = True
+        self,
+        key: RecordKey,
+        fingerprint: str,
+        *,
+        lease: float,
+        ttl: float,
+        takeover: bool = True,
+        token: str | None = None,
     ) -> Acquisition:
         conn = self._conn()
         while True:
-            params = self._acquire_params(key, fingerprint, lease, ttl, takeover)
+            params = self._acquire_params(key, fingerprint, lease, ttl, takeover, token)
             rows = conn.execute(self._sql.acquire, params).fetchall()
             answer = _answer(rows, fingerprint, takeover)
             if answer is not None:
@@ -387,11 +400,18 @@ class PostgresStore:
     # ------------------------------------------------------------------ async protocol
 
     async def aacquire(
-        self, key: RecordKey, fingerprint: str, *, lease: float, ttl: float, takeover: bool = True
+        self,
+        key: RecordKey,
+        fingerprint: str,
+        *,
+        lease: float,
+        ttl: float,
+        takeover: bool = True,
+        token: str | None = None,
     ) -> Acquisition:
         conn = await self._aconn()
         while True:
-            params = self._acquire_params(key, fingerprint, lease, ttl, takeover)
+            params = self._acquire_params(key, fingerprint, lease, ttl, takeover, token)
             cur = await conn.execute(self._sql.acquire, params)
             answer = _answer(await cur.fetchall(), fingerprint, takeover)
             if answer is not None:
@@ -433,18 +453,6 @@ class PostgresStore:
         if conn is not None:
             await conn.close()
         await asyncio.to_thread(self.close)
-
-    def __enter__(self) -> PostgresStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    async def __aenter__(self) -> PostgresStore:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
 
     # ------------------------------------------------------------------ tests
 

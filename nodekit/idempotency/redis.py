@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from .._errors import ConfigError
-from ._base import new_token
+from ._base import Closing, new_token
 from ._store import FORMAT_VERSION, Acquisition, Clock, Record, RecordKey
 
 if TYPE_CHECKING:
@@ -195,7 +195,7 @@ class _Scripts:
         )
 
 
-class RedisStore:
+class RedisStore(Closing):
     """Idempotency records in Redis, safe across threads, tasks, processes and hosts.
 
     `url` is a redis-py URL (``redis://``, ``rediss://``, ``unix://``); clients are created
@@ -294,11 +294,17 @@ class RedisStore:
         return "" if self._clock is None else repr(float(self._clock()))
 
     def _acquire_args(
-        self, key: RecordKey, fingerprint: str, lease: float, ttl: float, takeover: bool
+        self,
+        key: RecordKey,
+        fingerprint: str,
+        lease: float,
+        ttl: float,
+        takeover: bool,
+        token: str | None,
     ) -> list[str | int]:
         return [
             fingerprint,
-            new_token(),
+            token or new_token(),
             repr(float(lease)),
             repr(float(ttl)),
             _flag(takeover),
@@ -325,9 +331,16 @@ class RedisStore:
     # ------------------------------------------------------------------ sync protocol
 
     def acquire(
-        self, key: RecordKey, fingerprint: str, *, lease: float, ttl: float, takeover: bool = True
+        self,
+        key: RecordKey,
+        fingerprint: str,
+        *,
+        lease: float,
+        ttl: float,
+        takeover: bool = True,
+        token: str | None = None,
     ) -> Acquisition:
-        args = self._acquire_args(key, fingerprint, lease, ttl, takeover)
+        args = self._acquire_args(key, fingerprint, lease, ttl, takeover, token)
         return _acquisition(self._scripts().acquire(keys=[self._key(key)], args=args))
 
     def complete(
@@ -360,9 +373,16 @@ class RedisStore:
     # ------------------------------------------------------------------ async protocol
 
     async def aacquire(
-        self, key: RecordKey, fingerprint: str, *, lease: float, ttl: float, takeover: bool = True
+        self,
+        key: RecordKey,
+        fingerprint: str,
+        *,
+        lease: float,
+        ttl: float,
+        takeover: bool = True,
+        token: str | None = None,
     ) -> Acquisition:
-        args = self._acquire_args(key, fingerprint, lease, ttl, takeover)
+        args = self._acquire_args(key, fingerprint, lease, ttl, takeover, token)
         scripts = await self._ascripts()
         return _acquisition(await scripts.acquire(keys=[self._key(key)], args=args))
 
@@ -402,18 +422,6 @@ class RedisStore:
         if scripts is not None:
             await scripts.client.aclose()
         self.close()
-
-    def __enter__(self) -> RedisStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    async def __aenter__(self) -> RedisStore:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
 
     # ------------------------------------------------------------------ tests
 

@@ -163,12 +163,19 @@ class SQLiteStore(ThreadedAsync):
     # ------------------------------------------------------------------ protocol
 
     def acquire(
-        self, key: RecordKey, fingerprint: str, *, lease: float, ttl: float, takeover: bool = True
+        self,
+        key: RecordKey,
+        fingerprint: str,
+        *,
+        lease: float,
+        ttl: float,
+        takeover: bool = True,
+        token: str | None = None,
     ) -> Acquisition:
         with self._tx() as conn:
             now = self._clock()
             answer, record = acquisition(
-                key, self._read(conn, key), fingerprint, now, lease, ttl, takeover
+                key, self._read(conn, key), fingerprint, now, lease, ttl, takeover, token
             )
             if record is not None:
                 self._write(conn, record)

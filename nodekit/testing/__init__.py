@@ -1,4 +1,5 @@
-"""Test kit: instant waits, event capture, resource overrides and fakes for flaky calls.
+"""Test kit: instant waits, event capture, resource overrides, fakes for flaky calls, and
+real servers and proxies that inject faults (`LocalAPI`, `FaultProxy`).
 
 Everything here is plain library code; the pytest plugin (`nodekit.testing._plugin`, loaded
 through the ``pytest11`` entry point) only wraps it in fixtures: `nk_instant`, `nk_events`.
@@ -12,20 +13,30 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from .._context import override
 from .._events import Event, add_sink
-from .._execution import CLOCK
+from .._resources import override
+from .._runtime import RUNTIME
+from ._ledger import Ledger, LedgerEntry
+from ._proxy import FaultProxy, ProxyStats
+from ._routes import APIRequest, APIResponse
 from ._server import FaultPlan, LocalAPI
 
 __all__ = [
+    "APIRequest",
+    "APIResponse",
     "Events",
     "FaultPlan",
+    "FaultProxy",
     "Flaky",
     "Instant",
+    "Ledger",
+    "LedgerEntry",
     "LocalAPI",
+    "ProxyStats",
     "capture_events",
     "instant",
     "override",
+    "reset_defaults",
 ]
 
 
@@ -61,12 +72,22 @@ def instant() -> Iterator[Instant]:
     Only nodekit's own waits change: the code under test still sleeps if it sleeps itself.
     """
     handle = Instant()
-    saved = CLOCK.sleep, CLOCK.asleep
-    CLOCK.sleep, CLOCK.asleep = handle._sleep, handle._asleep
+    saved = RUNTIME.sleep, RUNTIME.asleep
+    RUNTIME.sleep, RUNTIME.asleep = handle._sleep, handle._asleep
     try:
         yield handle
     finally:
-        CLOCK.sleep, CLOCK.asleep = saved
+        RUNTIME.sleep, RUNTIME.asleep = saved
+
+
+def reset_defaults() -> None:
+    """Put nodekit's process-wide state back as it was at import.
+
+    Real waits, no event sinks, no default idempotency store (the next keyed node without a
+    store gets a fresh `MemoryStore`), and a new run-id sequence. For test isolation; not safe
+    while nodes run in other threads.
+    """
+    RUNTIME.reset()
 
 
 class Events(list[Event]):

@@ -4,6 +4,10 @@ It exists so that tests and recipes can prove what happened *on the server*, nev
 counter inside the client process: every request is written to a ledger (in memory, and
 appended as JSON lines to ``ledger_path`` so another process can count the effects).
 
+It is generic: the routes are the caller's (`LocalAPI.route`, or ``routes=``), each a plain
+function from an `APIRequest` to an `APIResponse` that says whether it made an effect. Around
+every route the server adds the same machinery:
+
 It honours ``Idempotency-Key`` as the IETF draft describes: the first request with a key is
 processed and its response stored; a repeat with the same key and the same request gets the
 stored response with ``Idempotent-Replayed: true``; a duplicate while the first is still in
@@ -17,10 +21,10 @@ Faults come from a seeded `FaultPlan` (or a script, or `LocalAPI.fail_next`):
 - ``"drop_after"``: processed and recorded, then the connection closed without a response
   (the ambiguous case: the client cannot tell it from ``"drop_before"``).
 
-Endpoints: ``POST /charges``, ``POST /webhooks/<name>``, ``GET /items?page=&per_page=``,
-``GET /enrich/<id>``, ``/status/<code>``, ``/delay/<seconds>``, and ``GET /_ledger`` (the
-ledger as JSON, never faulted or recorded). Run it alone with
-``python -m nodekit.testing._server --port 8000``.
+Built-in routes: ``/status/<code>`` (``?retry_after=`` adds the header), ``/delay/<seconds>``,
+and ``GET /_ledger`` (the ledger as JSON, never faulted or recorded). Run it alone with
+``python -m nodekit.testing._server --port 8000``; `cli` and `serve` build such a command for
+a server with routes of its own.
 """
 
 from __future__ import annotations
@@ -28,23 +32,26 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import hmac
 import itertools
 import json
-import random
 import signal
 import socket
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from os import PathLike
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, TypeAlias
+from typing import Any, ClassVar, Self
 from urllib.parse import parse_qs, urlsplit
+
+from ._faults import FAULT_KINDS, Fault, FaultPlan, _Faults
+from ._ledger import Ledger, LedgerEntry
+from ._routes import APIRequest, APIResponse, Handler, Route
+from ._routes import matches as _matches
 
 __all__ = [
     "FAULT_KINDS",
@@ -53,191 +60,13 @@ __all__ = [
     "Ledger",
     "LedgerEntry",
     "LocalAPI",
-    "sign",
+    "cli",
+    "main",
+    "plan_from",
+    "serve",
 ]
 
-Fault: TypeAlias = Literal["503", "429", "slow", "drop_before", "drop_after"]
-FAULT_KINDS: tuple[Fault, ...] = ("503", "429", "slow", "drop_before", "drop_after")
-Script: TypeAlias = Sequence[Fault | None] | Mapping[str, Sequence[Fault | None]]
-
 _MAX_DELAY = 30.0
-
-
-def sign(secret: str | bytes, body: bytes) -> str:
-    """The ``X-Signature`` value for a webhook body: ``sha256=<hex HMAC-SHA256>``."""
-    key = secret.encode() if isinstance(secret, str) else secret
-    return "sha256=" + hmac.new(key, body, hashlib.sha256).hexdigest()
-
-
-def _matches(route: str, method: str, path: str) -> bool:
-    """``"POST /charges"`` or ``"/charges"`` (any method); a route matches its sub-paths too."""
-    want_method, _, prefix = route.rpartition(" ")
-    if want_method and want_method.upper() != method:
-        return False
-    prefix = prefix.rstrip("/") or "/"
-    return path == prefix or path.startswith(prefix.rstrip("/") + "/")
-
-
-@dataclass(frozen=True, slots=True)
-class FaultPlan:
-    """Which requests fail, and how: a seeded random draw, after an optional script.
-
-    Each request (control paths excepted) first takes the next entry of a matching `script`
-    (a list for every request in order, or ``{"POST /charges": [...]}`` per route; ``None``
-    means no fault); once the script is used up, it fails with probability `rate`, with a
-    kind drawn from `kinds`, restricted to `routes` when given. The same seed and the same
-    request order give the same faults. `retry_after` is the ``Retry-After`` (seconds) sent
-    with 503 and 429; `slow` how long a slow answer is held back.
-    """
-
-    seed: int = 0
-    rate: float = 0.2
-    kinds: tuple[Fault, ...] = FAULT_KINDS
-    script: Script = ()
-    routes: tuple[str, ...] | None = None
-    retry_after: float = 0.0
-    slow: float = 2.0
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.rate <= 1.0:
-            raise ValueError(f"FaultPlan.rate must be within [0, 1], got {self.rate!r}")
-        scripted = self.script.values() if isinstance(self.script, Mapping) else [self.script]
-        for kind in [*self.kinds, *itertools.chain.from_iterable(scripted)]:
-            if kind is not None and kind not in FAULT_KINDS:
-                raise ValueError(f"unknown fault {kind!r}; faults are {FAULT_KINDS}")
-
-    @classmethod
-    def scripted(cls, *faults: Fault | None, route: str | None = None, **options: Any) -> FaultPlan:
-        """Exactly these faults, in order, and no random ones (``rate=0``)."""
-        script: Script = {route: faults} if route is not None else faults
-        return cls(rate=0.0, script=script, **options)
-
-
-class _Faults:
-    """A `FaultPlan`'s running state: the random generator and the script cursors."""
-
-    def __init__(self, plan: FaultPlan) -> None:
-        self.plan = plan
-        self.random = random.Random(plan.seed)
-        self.lock = threading.Lock()
-        script = plan.script
-        self.queues: dict[str | None, list[Fault | None]] = (
-            {route: list(items) for route, items in script.items()}
-            if isinstance(script, Mapping)
-            else {None: list(script)}
-        )
-
-    def next(self, method: str, path: str) -> Fault | None:
-        plan = self.plan
-        with self.lock:
-            for route, queue in self.queues.items():
-                if queue and (route is None or _matches(route, method, path)):
-                    return queue.pop(0)
-            if plan.routes is not None and not any(
-                _matches(route, method, path) for route in plan.routes
-            ):
-                return None
-            if plan.rate and plan.kinds and self.random.random() < plan.rate:
-                return self.random.choice(plan.kinds)
-            return None
-
-
-@dataclass(frozen=True, slots=True)
-class LedgerEntry:
-    """One request as the server saw it.
-
-    `outcome`: ``"processed"`` (the endpoint ran), ``"replayed"`` (stored response),
-    ``"conflict"`` (409), ``"mismatch"`` (422), ``"fault"`` (503/429 before processing) or
-    ``"dropped"`` (closed before processing). `effect` is true when the server's state changed
-    (a charge made, a webhook delivered); `data` says what. `status` is None when no response
-    was sent.
-    """
-
-    seq: int
-    method: str
-    path: str
-    idempotency_key: str | None
-    status: int | None
-    outcome: str
-    fault: str | None = None
-    effect: bool = False
-    data: Mapping[str, Any] = field(default_factory=dict)
-    time: float = 0.0
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> LedgerEntry:
-        return cls(**values)
-
-
-class Ledger:
-    """The requests a `LocalAPI` received, in order, with queries for the tests."""
-
-    def __init__(self, entries: Iterable[LedgerEntry] = ()) -> None:
-        self._entries = list(entries)
-        self._lock = threading.Lock()
-
-    @classmethod
-    def load(cls, path: str | PathLike[str]) -> Ledger:
-        """Read a ledger file written by a `LocalAPI` (possibly in another process)."""
-        text = Path(path).read_text(encoding="utf-8") if Path(path).exists() else ""
-        return cls(
-            LedgerEntry.from_dict(json.loads(line)) for line in text.splitlines() if line.strip()
-        )
-
-    def append(self, entry: LedgerEntry) -> None:
-        with self._lock:
-            self._entries.append(entry)
-
-    @property
-    def entries(self) -> list[LedgerEntry]:
-        with self._lock:
-            return list(self._entries)
-
-    def __iter__(self) -> Iterator[LedgerEntry]:
-        return iter(self.entries)
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._entries)
-
-    def __repr__(self) -> str:
-        return f"Ledger({len(self)} requests)"
-
-    def find(
-        self,
-        *,
-        method: str | None = None,
-        route: str | None = None,
-        outcome: str | None = None,
-        fault: str | None = None,
-        effect: bool | None = None,
-    ) -> list[LedgerEntry]:
-        """The entries matching every given criterion (`route` as in `FaultPlan.script`)."""
-        return [
-            entry
-            for entry in self.entries
-            if (method is None or entry.method == method.upper())
-            and (route is None or _matches(route, entry.method, entry.path))
-            and (outcome is None or entry.outcome == outcome)
-            and (fault is None or entry.fault == fault)
-            and (effect is None or entry.effect == effect)
-        ]
-
-    def charges_for(self, order_id: Any) -> list[LedgerEntry]:
-        """The charges actually made for `order_id` (replays and faults excluded)."""
-        return [
-            entry
-            for entry in self.find(route="POST /charges", effect=True)
-            if entry.data.get("order_id") == order_id
-        ]
-
-    def deliveries(self, target: str) -> list[LedgerEntry]:
-        """The webhook deliveries accepted for `target`."""
-        return self.find(route=f"POST /webhooks/{target}", effect=True)
-
-    def keys(self, route: str | None = None) -> list[str | None]:
-        """The ``Idempotency-Key`` of every request (to `route`), in order."""
-        return [entry.idempotency_key for entry in self.find(route=route)]
 
 
 class Gate:
@@ -268,18 +97,6 @@ class _Stored:
     status: int = 0
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
-
-
-@dataclass(slots=True)
-class _Answer:
-    status: int
-    body: Any = None
-    headers: dict[str, str] = field(default_factory=dict)
-    effect: bool = False
-    data: dict[str, Any] = field(default_factory=dict)
-
-    def encode(self) -> bytes:
-        return b"" if self.body is None else json.dumps(self.body).encode()
 
 
 class _Server(ThreadingHTTPServer):
@@ -347,37 +164,34 @@ class _Handler(BaseHTTPRequestHandler):
 class LocalAPI:
     """A fault-injecting HTTP API on 127.0.0.1 (ephemeral port), served from a thread.
 
-    ``with LocalAPI(faults=FaultPlan(seed=1)) as api:`` starts it; `url` is its base URL and
-    `ledger` every request it saw. `ledger_path` also appends each entry as a JSON line, for
-    tests that count effects from another process. `webhook_secret` makes ``POST
-    /webhooks/<name>`` verify ``X-Signature`` (see `sign`); `items` and `seed` shape the
-    ``/items`` dataset.
+    ``with LocalAPI(faults=FaultPlan(seed=1), routes={"POST /orders": create}) as api:``
+    starts it; `url` is its base URL and `ledger` every request it saw. `ledger_path` also
+    appends each entry as a JSON line, for tests that count effects from another process.
+    Routes are added with `route` or ``routes=``; a subclass adds its own in ``__init__`` and
+    may set `ledger_type` to a `Ledger` subclass with queries in its terms.
     """
+
+    #: The ledger class of `ledger` and `read_ledger`.
+    ledger_type: ClassVar[type[Ledger]] = Ledger
 
     def __init__(
         self,
         *,
         faults: FaultPlan | None = None,
+        routes: Mapping[str, Handler] | None = None,
         ledger_path: str | PathLike[str] | None = None,
-        webhook_secret: str | bytes | None = None,
-        items: int = 50,
-        seed: int = 0,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
         self.faults = faults
-        self.ledger = Ledger()
+        self.ledger = self.ledger_type()
         self.ledger_path = Path(ledger_path) if ledger_path is not None else None
-        self.webhook_secret = (
-            webhook_secret.encode() if isinstance(webhook_secret, str) else webhook_secret
-        )
         self._host, self._port = host, port
         self._faults = _Faults(faults or FaultPlan(rate=0.0))
         self._queued: list[tuple[str | None, Fault | None]] = []
         self._gates: list[Gate] = []
-        self._gone: set[str] = set()
+        self._routes: list[Route] = []
         self._keys: dict[str, _Stored] = {}
-        self._charges: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
         self._seq = itertools.count(1)
         self._stop = threading.Event()
@@ -385,21 +199,14 @@ class LocalAPI:
         self._file: Any = None
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
-        rng = random.Random(seed)
-        categories = ("books", "games", "music", "tools", "garden")
-        self.items = [
-            {
-                "id": i,
-                "name": f"item-{i:03d}",
-                "price": round(rng.uniform(1, 100), 2),
-                "category": rng.choice(categories),
-            }
-            for i in range(1, items + 1)
-        ]
+        self.route("/status/{code}", _status)
+        self.route("/delay/{seconds}", self._delay)
+        for spec, handler in (routes or {}).items():
+            self.route(spec, handler)
 
     # ------------------------------------------------------------------------ lifetime
 
-    def start(self) -> LocalAPI:
+    def start(self) -> Self:
         """Bind and serve in a background thread; returns self."""
         if self._server is not None:
             return self
@@ -434,7 +241,7 @@ class LocalAPI:
             self._file.close()
             self._file = None
 
-    def __enter__(self) -> LocalAPI:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(
@@ -453,9 +260,33 @@ class LocalAPI:
         """The base URL, e.g. ``http://127.0.0.1:54321``."""
         return f"http://{self._host}:{self.port}"
 
+    @property
+    def stopping(self) -> threading.Event:
+        """Set when the server closes: a handler that waits should wait on it, to end then."""
+        return self._stop
+
     def __repr__(self) -> str:
         where = self.url if self._server is not None else "stopped"
-        return f"LocalAPI({where}, faults={self.faults!r})"
+        return f"{type(self).__name__}({where}, faults={self.faults!r})"
+
+    # ------------------------------------------------------------------------ routes
+
+    def route(self, route: str, handler: Handler) -> None:
+        """Serve `route` with `handler`, from now on (also while serving).
+
+        `route` is ``"POST /charges"``, ``"GET /items/{id}"`` (``{id}`` matches one path
+        segment, passed in `APIRequest.params`) or ``"/ping"`` (any method). Faults, gates,
+        ``Idempotency-Key`` handling and the ledger apply to it as to every route. Routes are
+        tried in the order they were added; adding the same route again replaces its
+        handler. A request no route serves gets 404.
+        """
+        new = Route.parse(route, handler)
+        with self._lock:
+            for index, old in enumerate(self._routes):
+                if old.spec == new.spec:
+                    self._routes[index] = new
+                    return
+            self._routes.append(new)
 
     # ------------------------------------------------------------------------ controls
 
@@ -474,26 +305,10 @@ class LocalAPI:
             self._gates.append(gate)
         return gate
 
-    def gone(self, target: str) -> None:
-        """Make ``POST /webhooks/<target>`` answer 410 Gone from now on."""
-        with self._lock:
-            self._gone.add(target)
-
-    def charges_for(self, order_id: Any) -> list[LedgerEntry]:
-        """The charges actually made for `order_id` (see `Ledger.charges_for`)."""
-        return self.ledger.charges_for(order_id)
-
-    #: ``LocalAPI.sign(secret, body)``: the ``X-Signature`` a webhook sender must send.
-    sign = staticmethod(sign)
-
-    @staticmethod
-    def read_ledger(path: str | PathLike[str]) -> Ledger:
+    @classmethod
+    def read_ledger(cls, path: str | PathLike[str]) -> Ledger:
         """The ledger a `LocalAPI` (maybe in another process) appended to `path`."""
-        return Ledger.load(path)
-
-    def deliveries(self, target: str) -> list[LedgerEntry]:
-        """The webhook deliveries accepted for `target`."""
-        return self.ledger.deliveries(target)
+        return cls.ledger_type.load(path)
 
     # ------------------------------------------------------------------------ serving
 
@@ -514,25 +329,24 @@ class LocalAPI:
 
     def _record(
         self,
-        method: str,
-        path: str,
+        request: APIRequest,
         key: str | None,
         status: int | None,
         outcome: str,
         fault: Fault | None,
-        answer: _Answer | None = None,
+        answer: APIResponse | None = None,
     ) -> None:
         with self._lock:  # one order for the memory ledger, the file and `seq`
             entry = LedgerEntry(
                 seq=next(self._seq),
-                method=method,
-                path=path,
+                method=request.method,
+                path=request.path,
                 idempotency_key=key,
                 status=status,
                 outcome=outcome,
                 fault=fault,
                 effect=answer.effect if answer is not None else False,
-                data=answer.data if answer is not None else {},
+                data=dict(answer.data) if answer is not None else {},
                 time=time.time(),
             )
             self.ledger.append(entry)
@@ -541,10 +355,15 @@ class LocalAPI:
                 self._file.flush()
 
     def _serve(self, handler: _Handler) -> None:
-        method = handler.command
         parts = urlsplit(handler.path)
-        path, query = parts.path, parse_qs(parts.query)
-        body = handler.read_body()
+        request = APIRequest(
+            method=handler.command,
+            path=parts.path,
+            query=parse_qs(parts.query),
+            headers={name.lower(): value for name, value in handler.headers.items()},
+            body=handler.read_body(),
+        )
+        method, path = request.method, request.path
         if path.startswith("/_"):
             if path == "/_ledger":
                 entries = [asdict(entry) for entry in self.ledger]
@@ -557,42 +376,36 @@ class LocalAPI:
         plan = self._faults.plan
         if fault in ("503", "429"):
             status = int(fault)
-            self._record(method, path, key, status, "fault", fault)
+            self._record(request, key, status, "fault", fault)
             payload = json.dumps({"error": "injected fault", "status": status}).encode()
             handler.answer(status, payload, {"Retry-After": _seconds(plan.retry_after)})
             return
         if fault == "drop_before":
-            self._record(method, path, key, None, "dropped", fault)
+            self._record(request, key, None, "dropped", fault)
             handler.close_connection = True
             return
         if key is not None:
-            status, headers, payload, outcome, answer = self._keyed(
-                method, path, query, body, handler, key
-            )
+            status, headers, payload, outcome, answer = self._keyed(request, key)
         else:
-            answer = self._process(method, path, query, body, handler)
+            answer = self._process(request)
             status, headers, payload = answer.status, answer.headers, answer.encode()
             outcome = "processed"
         if fault == "drop_after":
-            self._record(method, path, key, None, outcome, fault, answer)
+            self._record(request, key, None, outcome, fault, answer)
             handler.close_connection = True
             return
-        self._record(method, path, key, status, outcome, fault, answer)
+        self._record(request, key, status, outcome, fault, answer)
         if fault == "slow":
             self._stop.wait(plan.slow)
         handler.answer(status, payload, headers)
 
     def _keyed(
-        self,
-        method: str,
-        path: str,
-        query: dict[str, list[str]],
-        body: bytes,
-        handler: _Handler,
-        key: str,
-    ) -> tuple[int, dict[str, str], bytes, str, _Answer | None]:
+        self, request: APIRequest, key: str
+    ) -> tuple[int, Mapping[str, str], bytes, str, APIResponse | None]:
         """Process a request carrying an Idempotency-Key, as the IETF draft describes."""
-        fingerprint = hashlib.sha256(b"%s %s\n%s" % (method.encode(), path.encode(), body))
+        fingerprint = hashlib.sha256(
+            b"%s %s\n%s" % (request.method.encode(), request.path.encode(), request.body)
+        )
         digest = fingerprint.hexdigest()
         with self._lock:
             stored = self._keys.get(key)
@@ -608,7 +421,7 @@ class LocalAPI:
             headers = {**stored.headers, "Idempotent-Replayed": "true"}
             return stored.status, headers, stored.body, "replayed", None
         try:
-            answer = self._process(method, path, query, body, handler)
+            answer = self._process(request)
         except BaseException:
             with self._lock:
                 self._keys.pop(key, None)
@@ -632,112 +445,44 @@ class LocalAPI:
                 if self._stop.is_set():
                     return
 
-    # ------------------------------------------------------------------------ endpoints
-
-    def _process(
-        self, method: str, path: str, query: dict[str, list[str]], body: bytes, handler: _Handler
-    ) -> _Answer:
-        self._wait_at_gates(method, path)
-        segments = [part for part in path.split("/") if part]
-        head = segments[0] if segments else ""
-        rest = segments[1:]
-        if head == "charges" and not rest and method == "POST":
-            return self._charge(body)
-        if head == "webhooks" and len(rest) == 1 and method == "POST":
-            return self._webhook(rest[0], body, handler.headers.get("X-Signature"))
-        if head == "items" and not rest and method == "GET":
-            return self._items(query)
-        if head == "enrich" and len(rest) == 1 and method == "GET":
-            return _enrich(rest[0])
-        if head == "status" and len(rest) == 1 and rest[0].isdigit():
-            status = int(rest[0])
-            headers = {}
-            if "retry_after" in query:
-                headers["Retry-After"] = query["retry_after"][0]
-            return _Answer(status, {"status": status}, headers)
-        if head == "delay" and len(rest) == 1:
-            try:
-                seconds = min(max(float(rest[0]), 0.0), _MAX_DELAY)
-            except ValueError:
-                return _Answer(400, {"error": "delay takes seconds"})
-            self._stop.wait(seconds)
-            return _Answer(200, {"delay": seconds})
-        return _Answer(404, {"error": f"no endpoint {method} {path}"})
-
-    def _charge(self, body: bytes) -> _Answer:
-        try:
-            payload = json.loads(body or b"null")
-            order_id, amount = payload["order_id"], payload["amount"]
-        except (ValueError, TypeError, KeyError):
-            return _Answer(400, {"error": 'body must be {"order_id": ..., "amount": ...}'})
+    def _process(self, request: APIRequest) -> APIResponse:
+        """Wait at the gates, then run the first route that serves the request."""
+        self._wait_at_gates(request.method, request.path)
         with self._lock:
-            charge = {
-                "id": f"ch_{len(self._charges) + 1:06d}",
-                "order_id": order_id,
-                "amount": amount,
-            }
-            self._charges[charge["id"]] = charge
-        return _Answer(201, charge, effect=True, data=dict(charge))
+            routes = list(self._routes)
+        for route in routes:
+            params = route.match(request.method, request.path)
+            if params is not None:
+                return route.handler(
+                    APIRequest(
+                        request.method,
+                        request.path,
+                        params,
+                        request.query,
+                        request.headers,
+                        request.body,
+                    )
+                )
+        return APIResponse(404, {"error": f"no endpoint {request.method} {request.path}"})
 
-    def _webhook(self, target: str, body: bytes, signature: str | None) -> _Answer:
-        with self._lock:
-            gone = target in self._gone
-        if gone:
-            return _Answer(410, {"error": f"webhook target {target!r} is gone"})
-        if self.webhook_secret is not None and not hmac.compare_digest(
-            signature or "", sign(self.webhook_secret, body)
-        ):
-            return _Answer(401, {"error": "bad or missing X-Signature"})
+    def _delay(self, request: APIRequest) -> APIResponse:
         try:
-            event = json.loads(body) if body else None
+            seconds = min(max(float(request.params["seconds"]), 0.0), _MAX_DELAY)
         except ValueError:
-            return _Answer(400, {"error": "body must be JSON"})
-        count = len(self.ledger.deliveries(target)) + 1
-        return _Answer(
-            200,
-            {"target": target, "delivery": count},
-            effect=True,
-            data={"target": target, "event": event},
-        )
-
-    def _items(self, query: dict[str, list[str]]) -> _Answer:
-        try:
-            page = int(query.get("page", ["1"])[0])
-            per_page = int(query.get("per_page", ["10"])[0])
-        except ValueError:
-            return _Answer(400, {"error": "page and per_page are integers"})
-        if page < 1 or not 1 <= per_page <= 100:
-            return _Answer(400, {"error": "page >= 1 and 1 <= per_page <= 100"})
-        start = (page - 1) * per_page
-        chunk = self.items[start : start + per_page]
-        more = start + per_page < len(self.items)
-        next_url = f"{self.url}/items?page={page + 1}&per_page={per_page}" if more else None
-        headers = {"Link": f'<{next_url}>; rel="next"'} if next_url else {}
-        return _Answer(
-            200,
-            {
-                "items": chunk,
-                "page": page,
-                "per_page": per_page,
-                "total": len(self.items),
-                "next": next_url,
-            },
-            headers,
-        )
+            return APIResponse(400, {"error": "delay takes seconds"})
+        self._stop.wait(seconds)
+        return APIResponse(200, {"delay": seconds})
 
 
-def _enrich(item_id: str) -> _Answer:
-    digest = hashlib.sha256(item_id.encode()).digest()
-    tiers = ("bronze", "silver", "gold")
-    return _Answer(
-        200,
-        {
-            "id": item_id,
-            "score": digest[0] % 100,
-            "tier": tiers[digest[1] % len(tiers)],
-            "tags": sorted({f"tag-{b % 7}" for b in digest[2:5]}),
-        },
-    )
+def _status(request: APIRequest) -> APIResponse:
+    code = request.params["code"]
+    if not code.isdigit():
+        return APIResponse(404, {"error": f"no endpoint {request.method} {request.path}"})
+    status = int(code)
+    headers = {}
+    if "retry_after" in request.query:
+        headers["Retry-After"] = request.query["retry_after"][0]
+    return APIResponse(status, {"status": status}, headers)
 
 
 def _seconds(value: float) -> str:
@@ -747,11 +492,9 @@ def _seconds(value: float) -> str:
 # ---------------------------------------------------------------------------- standalone
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Serve a `LocalAPI` until interrupted; prints its URL on the first line."""
-    parser = argparse.ArgumentParser(
-        prog="python -m nodekit.testing._server", description=main.__doc__
-    )
+def cli(prog: str, description: str | None = None) -> argparse.ArgumentParser:
+    """The flags of a standalone server: address, fault plan, ledger file (add your own)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--seed", type=int, default=0)
@@ -760,34 +503,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--retry-after", type=float, default=0.0)
     parser.add_argument("--slow", type=float, default=2.0)
     parser.add_argument("--ledger", help="append every request to this JSON-lines file")
-    parser.add_argument("--webhook-secret")
-    parser.add_argument("--items", type=int, default=50)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def plan_from(args: argparse.Namespace) -> FaultPlan:
+    """The `FaultPlan` the `cli` flags describe."""
     kinds = tuple(kind.strip() for kind in args.kinds.split(",") if kind.strip())
-    plan = FaultPlan(
+    return FaultPlan(
         seed=args.seed,
         rate=args.rate,
         kinds=kinds,  # checked by FaultPlan
         retry_after=args.retry_after,
         slow=args.slow,
     )
+
+
+def serve(api: LocalAPI) -> int:
+    """Serve `api` until SIGINT or SIGTERM; its URL ends the first line printed. Returns 0."""
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    api = LocalAPI(
-        faults=plan,
-        ledger_path=args.ledger,
-        webhook_secret=args.webhook_secret,
-        items=args.items,
-        seed=args.seed,
-        host=args.host,
-        port=args.port,
-    )
     with api:
-        print(f"LocalAPI listening on {api.url}", flush=True)
+        print(f"{type(api).__name__} listening on {api.url}", flush=True)
         while not stop.wait(0.2):
             pass
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Serve a `LocalAPI` (built-in routes only) until interrupted; prints its URL first."""
+    args = cli("python -m nodekit.testing._server", main.__doc__).parse_args(argv)
+    api = LocalAPI(faults=plan_from(args), ledger_path=args.ledger, host=args.host, port=args.port)
+    return serve(api)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ import pytest
 from pydantic import BaseModel
 
 import nodekit as nk
+from nodekit._canonical import canonical_json, digest
 from nodekit.idempotency import RecordKey
-from nodekit.idempotency._keys import canonical_json, digest
 from nodekit.idempotency.sqlite import SQLiteStore
 from nodekit.testing import capture_events
 

@@ -16,8 +16,8 @@ import pytest
 from pydantic import BaseModel
 
 import nodekit as nk
+from nodekit._canonical import digest
 from nodekit.idempotency import MemoryStore, canonical_json, derive_key
-from nodekit.idempotency._keys import digest
 
 # ---------------------------------------------------------------------------- canonical JSON
 

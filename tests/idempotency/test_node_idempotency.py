@@ -1083,8 +1083,11 @@ def test_a_completion_that_keeps_failing_keeps_the_lease(flavor: Flavor) -> None
         return "charged"
 
     charge = flavor.node(body, name="charge", idempotency=keyed(store))
-    with instant(), pytest.raises(nk.IdempotencyStoreError):
+    with instant() as clock, pytest.raises(nk.OutcomeUnknown) as caught:
         flavor.call(charge, "o-1")
+    # retried with backoff for the whole lease (60 s by default), then given up
+    assert 59.0 <= sum(clock.sleeps) <= 60.0
+    assert isinstance(caught.value.__cause__, ConnectionError)
     with pytest.raises(nk.IdempotencyInProgress):  # never released: the effect happened
         flavor.call(charge, "o-1")
     assert calls == ["o-1"]

@@ -1,4 +1,4 @@
-"""Real servers for the integration tests: the fault-injecting LocalAPI and httpbin.
+"""Real servers for the integration tests: the demo shop's fault-injecting `DemoAPI`, httpbin.
 
 Effects are counted from the servers' ledgers, never from counters in the test process, and
 nodekit's waits are instant (`nodekit.testing.instant`), so no test sleeps through backoff.
@@ -16,7 +16,8 @@ import httpx
 import pytest
 
 import nodekit as nk
-from nodekit.testing import FaultPlan, Instant, LocalAPI, instant
+from nodekit.testing import FaultPlan, Instant, instant
+from recipes._demo_api import DemoAPI
 
 
 @pytest.fixture
@@ -27,9 +28,9 @@ def waits() -> Iterator[Instant]:
 
 
 @pytest.fixture
-def api() -> Iterator[LocalAPI]:
-    """A LocalAPI without random faults (tests queue their own with `fail_next`)."""
-    with LocalAPI(faults=FaultPlan(rate=0.0, retry_after=1, slow=1.0)) as server:
+def api() -> Iterator[DemoAPI]:
+    """A DemoAPI without random faults (tests queue their own with `fail_next`)."""
+    with DemoAPI(faults=FaultPlan(rate=0.0, retry_after=1, slow=1.0)) as server:
         yield server
 
 
@@ -120,6 +121,6 @@ def flavor(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def call(flavor: str, api: LocalAPI) -> Caller:
-    """Call nodes against the LocalAPI (client timeout 0.3 s, so `slow` faults time out)."""
+def call(flavor: str, api: DemoAPI) -> Caller:
+    """Call nodes against the DemoAPI (client timeout 0.3 s, so `slow` faults time out)."""
     return Caller(flavor, api.url, timeout=0.3)

@@ -1,6 +1,6 @@
-"""`nodekit.http` against real servers: the fault-injecting LocalAPI and httpbin.
+"""`nodekit.http` against real servers: the demo shop's fault-injecting `DemoAPI` and httpbin.
 
-Effects are counted from the LocalAPI's ledger (what the server did), never in the test
+Effects are counted from the DemoAPI's ledger (what the server did), never in the test
 process; every behaviour runs with a sync node and an async node (`flavor`).
 """
 
@@ -20,8 +20,9 @@ import pytest
 
 import nodekit as nk
 import nodekit.http as nh
-from nodekit.testing import FaultPlan, Instant, LocalAPI, capture_events
+from nodekit.testing import FaultPlan, Instant, capture_events
 from nodekit.testing._server import FAULT_KINDS
+from recipes._demo_api import DemoAPI
 
 from .conftest import Caller
 
@@ -62,7 +63,7 @@ def keyed(store: nk.MemoryStore | None = None, **options: Any) -> dict[str, Any]
 
 
 def test_503_storm_sends_one_key_and_honours_retry_after(
-    call: Caller, api: LocalAPI, waits: Instant
+    call: Caller, api: DemoAPI, waits: Instant
 ) -> None:
     """Every attempt of a keyed write carries the same key; the server's Retry-After is the wait."""
     api.fail_next("503", "429", route="POST /charges")
@@ -80,7 +81,7 @@ def test_503_storm_sends_one_key_and_honours_retry_after(
 
 
 def test_read_timeout_retry_replays_the_stored_response(
-    call: Caller, api: LocalAPI, waits: Instant
+    call: Caller, api: DemoAPI, waits: Instant
 ) -> None:
     """A keyed write whose answer timed out is retried with the same key and replayed."""
     api.fail_next("slow", route="POST /charges")  # answered after 1 s; the client waits 0.3 s
@@ -96,7 +97,7 @@ def test_read_timeout_retry_replays_the_stored_response(
 
 
 def test_connect_errors_retry_with_the_same_key(
-    call: Caller, api: LocalAPI, closed_port: int, waits: Instant
+    call: Caller, api: DemoAPI, closed_port: int, waits: Instant
 ) -> None:
     """Refused connections (nothing sent) are retried; the key does not depend on the host."""
     dead = f"http://127.0.0.1:{closed_port}"
@@ -128,7 +129,7 @@ def test_connect_errors_retry_with_the_same_key(
 
 
 def test_unkeyed_write_retries_safe_errors_without_a_key(
-    call: Caller, api: LocalAPI, closed_port: int, waits: Instant
+    call: Caller, api: DemoAPI, closed_port: int, waits: Instant
 ) -> None:
     """A write without a key still retries what certainly did not happen: 503, 429."""
     api.fail_next("503", "429", route="POST /charges")
@@ -141,7 +142,7 @@ def test_unkeyed_write_retries_safe_errors_without_a_key(
 
 
 def test_unkeyed_write_is_not_retried_after_a_drop_after_processing(
-    call: Caller, api: LocalAPI, waits: Instant
+    call: Caller, api: DemoAPI, waits: Instant
 ) -> None:
     """The ambiguous case: the charge happened, the answer was lost; retrying would repeat it."""
     api.fail_next("drop_after", route="POST /charges")
@@ -157,7 +158,7 @@ def test_unkeyed_write_is_not_retried_after_a_drop_after_processing(
 
 
 def test_keyed_write_after_a_drop_after_processing_gets_the_stored_response(
-    call: Caller, api: LocalAPI, waits: Instant
+    call: Caller, api: DemoAPI, waits: Instant
 ) -> None:
     """With a key the retry is a replay: one charge, and the client learns its id."""
     api.fail_next("drop_after", route="POST /charges")
@@ -178,7 +179,7 @@ def test_keyed_write_after_a_drop_after_processing_gets_the_stored_response(
     assert response.attempt == 2
 
 
-def test_resumed_call_sends_the_same_key(call: Caller, api: LocalAPI, waits: Instant) -> None:
+def test_resumed_call_sends_the_same_key(call: Caller, api: DemoAPI, waits: Instant) -> None:
     """A second call of the same keyed node (after the first one's lease expired) reuses the key."""
     now = [1_000.0]
     store = nk.MemoryStore(clock=lambda: now[0])
@@ -198,7 +199,7 @@ def test_resumed_call_sends_the_same_key(call: Caller, api: LocalAPI, waits: Ins
     assert len(api.charges_for("order-7")) == 1
 
 
-def test_another_process_sends_the_same_key(api: LocalAPI) -> None:
+def test_another_process_sends_the_same_key(api: DemoAPI) -> None:
     """The key is derived from the node's key alone: a fresh process sends the same header."""
     script = f"""
 import httpx, nodekit as nk, nodekit.http as nh
@@ -235,7 +236,7 @@ def test_seeded_fault_storm_charges_every_order_exactly_once(flavor: str, waits:
         idempotency=nk.Idempotency(key=lambda order_id: order_id, store=store),
     )
     orders = [f"storm-{i}" for i in range(16)]
-    with LocalAPI(faults=plan) as server:
+    with DemoAPI(faults=plan) as server:
         caller = Caller(flavor, server.url, timeout=0.15)
         for order in orders:
             caller(charge, order, 10)
@@ -259,7 +260,7 @@ def _post_in_thread(url: str, key: str, body: dict[str, Any]) -> threading.Threa
 
 
 def test_409_in_progress_is_retried_until_the_stored_response(
-    call: Caller, api: LocalAPI, waits: Instant
+    call: Caller, api: DemoAPI, waits: Instant
 ) -> None:
     """A duplicate while the first request is in flight gets 409, waits, and is replayed."""
     gate = api.gate("POST /charges")
@@ -293,7 +294,7 @@ def test_409_in_progress_is_retried_until_the_stored_response(
 
 
 def test_422_key_reused_with_another_body_is_not_retried(
-    call: Caller, api: LocalAPI, waits: Instant
+    call: Caller, api: DemoAPI, waits: Instant
 ) -> None:
     """Same key, different request: `IdempotencyMismatch` (and an httpx error), no retry."""
     with httpx.Client(base_url=api.url) as client:
@@ -324,7 +325,7 @@ def test_422_key_reused_with_another_body_is_not_retried(
     assert waits.sleeps == []
 
 
-def test_409_without_a_key_is_a_plain_client_error(api: LocalAPI, waits: Instant) -> None:
+def test_409_without_a_key_is_a_plain_client_error(api: DemoAPI, waits: Instant) -> None:
     """Only a keyed request's 409 means "in progress"; otherwise it is a permanent 4xx."""
 
     @nk.node(name="conflict", retry=RETRY, effect=nk.Effect.READ)
@@ -342,7 +343,7 @@ def test_409_without_a_key_is_a_plain_client_error(api: LocalAPI, waits: Instant
 # ---------------------------------------------------------------------------- keys
 
 
-def test_keys_only_for_keyed_nodes_and_non_idempotent_methods(call: Caller, api: LocalAPI) -> None:
+def test_keys_only_for_keyed_nodes_and_non_idempotent_methods(call: Caller, api: DemoAPI) -> None:
     """POST and PATCH in a keyed node are keyed (per step); GET and unkeyed nodes are not."""
     idem = nk.Idempotency(key=lambda n: n, store=nk.MemoryStore())
 
@@ -394,7 +395,7 @@ def test_keys_only_for_keyed_nodes_and_non_idempotent_methods(call: Caller, api:
 # ---------------------------------------------------------------------------- deadlines
 
 
-def test_remaining_deadline_caps_the_request_timeout(call: Caller, api: LocalAPI) -> None:
+def test_remaining_deadline_caps_the_request_timeout(call: Caller, api: DemoAPI) -> None:
     """Every phase of the httpx timeout is at most what is left of the node's total budget."""
     call.timeout = 30.0
     if call.is_async:
@@ -420,7 +421,7 @@ def test_remaining_deadline_caps_the_request_timeout(call: Caller, api: LocalAPI
 
 
 def test_slow_endpoint_fails_at_the_deadline_not_at_the_client_timeout(
-    call: Caller, api: LocalAPI
+    call: Caller, api: DemoAPI
 ) -> None:
     """``/delay/10`` with a 0.4 s budget and a 30 s client timeout gives up after about 0.4 s."""
     call.timeout = 30.0
@@ -442,7 +443,7 @@ def test_slow_endpoint_fails_at_the_deadline_not_at_the_client_timeout(
     assert time.monotonic() - started < 2.0
 
 
-def test_request_outside_a_node_keeps_the_client_timeout(api: LocalAPI) -> None:
+def test_request_outside_a_node_keeps_the_client_timeout(api: DemoAPI) -> None:
     """Without a node there is no deadline: the client's own timeout applies, no key is sent."""
     seen: list[httpx.Request] = []
     with httpx.Client(
@@ -608,7 +609,7 @@ def test_retry_after_http_date_is_parsed() -> None:
     assert nk.classify(error) == "safe"
 
 
-def test_deadline_already_passed_is_a_safe_timeout(api: LocalAPI) -> None:
+def test_deadline_already_passed_is_a_safe_timeout(api: DemoAPI) -> None:
     """A request asked for after the deadline is not sent: a `NodeTimeout` classified safe."""
 
     @nk.node(name="late", timeout=nk.Timeout(total=0.2), effect=nk.Effect.READ)

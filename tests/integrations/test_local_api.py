@@ -1,4 +1,8 @@
-"""`LocalAPI`: the fault-injecting server the integration tests and recipes count effects on."""
+"""`LocalAPI`: the fault-injecting server the integration tests and recipes count effects on.
+
+Most tests drive it through the demo shop's routes (`recipes._demo_api.DemoAPI`); the
+route-registration tests use a bare `LocalAPI`.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from nodekit.testing import FaultPlan, LocalAPI
+from nodekit.testing import APIRequest, APIResponse, FaultPlan, LocalAPI
+from recipes._demo_api import DemoAPI
 
 
 def post_charge(client: httpx.Client, order: str, key: str | None = None) -> httpx.Response:
@@ -24,7 +29,7 @@ def post_charge(client: httpx.Client, order: str, key: str | None = None) -> htt
 # ---------------------------------------------------------------------------- ledger
 
 
-def test_ledger_records_every_request_and_counts_charges(api: LocalAPI) -> None:
+def test_ledger_records_every_request_and_counts_charges(api: DemoAPI) -> None:
     with httpx.Client(base_url=api.url) as client:
         first = post_charge(client, "o-1", key="k-1")
         post_charge(client, "o-1")
@@ -44,15 +49,15 @@ def test_ledger_records_every_request_and_counts_charges(api: LocalAPI) -> None:
 def test_ledger_file_is_readable_from_another_process(tmp_path: Path) -> None:
     """Each entry is appended as a JSON line as it happens; `Ledger.load` reads it back."""
     path = tmp_path / "ledger.jsonl"
-    with LocalAPI(ledger_path=path) as server, httpx.Client(base_url=server.url) as client:
+    with DemoAPI(ledger_path=path) as server, httpx.Client(base_url=server.url) as client:
         post_charge(client, "o-2", key="k-2")
         post_charge(client, "o-2", key="k-2")
         counted = subprocess.run(
             [
                 sys.executable,
                 "-c",
-                "import sys; from nodekit.testing import LocalAPI; "
-                "print(len(LocalAPI.read_ledger(sys.argv[1]).charges_for('o-2')))",
+                "import sys; from recipes._demo_api import DemoAPI; "
+                "print(len(DemoAPI.read_ledger(sys.argv[1]).charges_for('o-2')))",
                 str(path),
             ],
             capture_output=True,
@@ -62,7 +67,7 @@ def test_ledger_file_is_readable_from_another_process(tmp_path: Path) -> None:
         )
         in_memory = server.ledger.entries
     assert counted.stdout.strip() == "1"
-    assert LocalAPI.read_ledger(path).entries == in_memory
+    assert DemoAPI.read_ledger(path).entries == in_memory
     assert [json.loads(line)["outcome"] for line in path.read_text().splitlines()] == [
         "processed",
         "replayed",
@@ -70,10 +75,10 @@ def test_ledger_file_is_readable_from_another_process(tmp_path: Path) -> None:
 
 
 def test_standalone_server_process(tmp_path: Path) -> None:
-    """``python -m nodekit.testing._server`` serves until terminated and writes its ledger."""
+    """``python -m recipes._demo_api`` serves until terminated and writes its ledger."""
     ledger = tmp_path / "ledger.jsonl"
     process = subprocess.Popen(
-        [sys.executable, "-m", "nodekit.testing._server", "--port", "0", "--ledger", str(ledger)],
+        [sys.executable, "-m", "recipes._demo_api", "--port", "0", "--ledger", str(ledger)],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -90,13 +95,13 @@ def test_standalone_server_process(tmp_path: Path) -> None:
         assert process.wait(timeout=10) == 0
         if process.stdout is not None:
             process.stdout.close()
-    assert len(LocalAPI.read_ledger(ledger).charges_for("o-3")) == 1
+    assert len(DemoAPI.read_ledger(ledger).charges_for("o-3")) == 1
 
 
 # ---------------------------------------------------------------------------- Idempotency-Key
 
 
-def test_repeat_with_the_same_key_replays_the_stored_response(api: LocalAPI) -> None:
+def test_repeat_with_the_same_key_replays_the_stored_response(api: DemoAPI) -> None:
     with httpx.Client(base_url=api.url) as client:
         first = post_charge(client, "o-4", key="k-4")
         second = post_charge(client, "o-4", key="k-4")
@@ -107,7 +112,7 @@ def test_repeat_with_the_same_key_replays_the_stored_response(api: LocalAPI) -> 
     assert len(api.charges_for("o-4")) == 1
 
 
-def test_same_key_with_another_body_is_422(api: LocalAPI) -> None:
+def test_same_key_with_another_body_is_422(api: DemoAPI) -> None:
     with httpx.Client(base_url=api.url) as client:
         post_charge(client, "o-5", key="k-5")
         other = post_charge(client, "o-6", key="k-5")
@@ -116,7 +121,7 @@ def test_same_key_with_another_body_is_422(api: LocalAPI) -> None:
     assert api.ledger.entries[-1].outcome == "mismatch"
 
 
-def test_duplicate_while_in_flight_is_409(api: LocalAPI) -> None:
+def test_duplicate_while_in_flight_is_409(api: DemoAPI) -> None:
     gate = api.gate("POST /charges")
     answers: list[httpx.Response] = []
 
@@ -140,7 +145,7 @@ def test_duplicate_while_in_flight_is_409(api: LocalAPI) -> None:
     assert len(api.charges_for("o-7")) == 1
 
 
-def test_server_errors_are_not_stored_for_replay(api: LocalAPI) -> None:
+def test_server_errors_are_not_stored_for_replay(api: DemoAPI) -> None:
     """A 5xx answer releases the key: the next request with it is processed again."""
     with httpx.Client(base_url=api.url) as client:
         assert client.post("/status/500", headers={"Idempotency-Key": "k"}).status_code == 500
@@ -152,7 +157,7 @@ def test_server_errors_are_not_stored_for_replay(api: LocalAPI) -> None:
 # ---------------------------------------------------------------------------- faults
 
 
-def test_503_and_429_carry_retry_after_and_process_nothing(api: LocalAPI) -> None:
+def test_503_and_429_carry_retry_after_and_process_nothing(api: DemoAPI) -> None:
     api.fail_next("503", "429")
     with httpx.Client(base_url=api.url) as client:
         answers = [post_charge(client, "o-8", key="k-8") for _ in range(3)]
@@ -162,7 +167,7 @@ def test_503_and_429_carry_retry_after_and_process_nothing(api: LocalAPI) -> Non
     assert len(api.charges_for("o-8")) == 1
 
 
-def test_drop_before_processing_records_no_effect(api: LocalAPI) -> None:
+def test_drop_before_processing_records_no_effect(api: DemoAPI) -> None:
     api.fail_next("drop_before")
     with httpx.Client(base_url=api.url) as client:
         with pytest.raises(httpx.RemoteProtocolError):
@@ -180,7 +185,7 @@ def test_drop_before_processing_records_no_effect(api: LocalAPI) -> None:
     assert len(api.charges_for("o-9")) == 1
 
 
-def test_drop_after_processing_records_the_effect(api: LocalAPI) -> None:
+def test_drop_after_processing_records_the_effect(api: DemoAPI) -> None:
     """The ambiguous case: the client sees the same error, but the charge was made."""
     api.fail_next("drop_after")
     with httpx.Client(base_url=api.url) as client, pytest.raises(httpx.RemoteProtocolError):
@@ -195,7 +200,7 @@ def test_drop_after_processing_records_the_effect(api: LocalAPI) -> None:
     assert len(api.charges_for("o-10")) == 1
 
 
-def test_slow_answer_times_out_after_the_effect(api: LocalAPI) -> None:
+def test_slow_answer_times_out_after_the_effect(api: DemoAPI) -> None:
     api.fail_next("slow")
     with httpx.Client(base_url=api.url, timeout=0.2) as client:
         with pytest.raises(httpx.ReadTimeout):
@@ -206,7 +211,7 @@ def test_slow_answer_times_out_after_the_effect(api: LocalAPI) -> None:
 
 def test_scripted_faults_per_route_leave_other_routes_alone() -> None:
     plan = FaultPlan.scripted("503", None, "503", route="POST /charges")
-    with LocalAPI(faults=plan) as server, httpx.Client(base_url=server.url) as client:
+    with DemoAPI(faults=plan) as server, httpx.Client(base_url=server.url) as client:
         codes = []
         for _ in range(4):
             codes.append(client.get("/items").status_code)
@@ -216,7 +221,7 @@ def test_scripted_faults_per_route_leave_other_routes_alone() -> None:
 
 def _faults_seen(seed: int) -> list[str | None]:
     plan = FaultPlan(seed=seed, rate=0.5, kinds=("503", "429"), routes=("GET /items",))
-    with LocalAPI(faults=plan) as server, httpx.Client(base_url=server.url) as client:
+    with DemoAPI(faults=plan) as server, httpx.Client(base_url=server.url) as client:
         for _ in range(20):
             client.get("/items")
             client.get("/enrich/x")
@@ -236,11 +241,11 @@ def test_fault_plan_validates_its_options() -> None:
         FaultPlan(kinds=("boom",))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="rate"):
         FaultPlan(rate=2.0)
-    with LocalAPI() as server, pytest.raises(ValueError, match="unknown fault"):
+    with DemoAPI() as server, pytest.raises(ValueError, match="unknown fault"):
         server.fail_next("boom")  # type: ignore[arg-type]
 
 
-def test_close_ends_requests_held_by_delays(api: LocalAPI) -> None:
+def test_close_ends_requests_held_by_delays(api: DemoAPI) -> None:
     """Closing the server does not wait for a ``/delay/30`` (or a held gate) to finish."""
 
     def wait_long() -> None:
@@ -266,14 +271,14 @@ def test_close_ends_requests_held_by_delays(api: LocalAPI) -> None:
 def test_webhooks_verify_signatures_count_deliveries_and_can_be_gone() -> None:
     secret = "whsec-1"
     body = json.dumps({"id": "evt-1"}).encode()
-    with LocalAPI(webhook_secret=secret) as server, httpx.Client(base_url=server.url) as client:
+    with DemoAPI(webhook_secret=secret) as server, httpx.Client(base_url=server.url) as client:
         ok = client.post(
-            "/webhooks/shop", content=body, headers={"X-Signature": LocalAPI.sign(secret, body)}
+            "/webhooks/shop", content=body, headers={"X-Signature": DemoAPI.sign(secret, body)}
         )
         bad = client.post("/webhooks/shop", content=body, headers={"X-Signature": "sha256=00"})
         server.gone("shop")
         gone = client.post(
-            "/webhooks/shop", content=body, headers={"X-Signature": LocalAPI.sign(secret, body)}
+            "/webhooks/shop", content=body, headers={"X-Signature": DemoAPI.sign(secret, body)}
         )
         deliveries = server.deliveries("shop")
     assert (ok.status_code, bad.status_code, gone.status_code) == (200, 401, 410)
@@ -283,7 +288,7 @@ def test_webhooks_verify_signatures_count_deliveries_and_can_be_gone() -> None:
 
 def test_items_are_paged_with_next_links_from_a_seeded_dataset() -> None:
     def fetch_all(seed: int) -> list[dict[str, object]]:
-        with LocalAPI(items=23, seed=seed) as server, httpx.Client() as client:
+        with DemoAPI(items=23, seed=seed) as server, httpx.Client() as client:
             items: list[dict[str, object]] = []
             url: str | None = f"{server.url}/items?per_page=10"
             while url:
@@ -298,14 +303,14 @@ def test_items_are_paged_with_next_links_from_a_seeded_dataset() -> None:
     assert items != fetch_all(2)
 
 
-def test_items_reject_bad_paging(api: LocalAPI) -> None:
+def test_items_reject_bad_paging(api: DemoAPI) -> None:
     with httpx.Client(base_url=api.url) as client:
         assert client.get("/items?page=0").status_code == 400
         assert client.get("/items?per_page=x").status_code == 400
         assert client.get("/items?page=99").json()["items"] == []
 
 
-def test_enrich_status_and_delay_endpoints(api: LocalAPI) -> None:
+def test_enrich_status_and_delay_endpoints(api: DemoAPI) -> None:
     with httpx.Client(base_url=api.url) as client:
         enriched = client.get("/enrich/sku-1").json()
         assert enriched == client.get("/enrich/sku-1").json()
@@ -316,3 +321,42 @@ def test_enrich_status_and_delay_endpoints(api: LocalAPI) -> None:
         assert client.get("/nowhere").status_code == 404
         assert client.post("/charges", content=b"not json").status_code == 400
         assert len(client.get("/_ledger").json()) == 6  # control paths are not recorded
+
+
+# ---------------------------------------------------------------------------- routes
+
+
+def test_registered_routes_get_keys_faults_and_the_ledger() -> None:
+    """A bare LocalAPI serves the caller's routes with the same machinery as the demo's."""
+
+    def put_thing(request: APIRequest) -> APIResponse:
+        thing = {"name": request.params["name"], "size": request.json()["size"]}
+        return APIResponse(201, thing, {"X-Thing": request.headers["x-thing"]}, True, thing)
+
+    with (
+        LocalAPI(routes={"PUT /things/{name}": put_thing}) as server,
+        httpx.Client(base_url=server.url, headers={"X-Thing": "t"}) as client,
+    ):
+        first = client.put("/things/box", json={"size": 3}, headers={"Idempotency-Key": "k"})
+        again = client.put("/things/box", json={"size": 3}, headers={"Idempotency-Key": "k"})
+        server.fail_next("503", route="PUT /things")
+        faulted = client.put("/things/bag", json={"size": 1})
+        assert client.post("/things/box", json={"size": 3}).status_code == 404  # other method
+        assert client.put("/things/box/lid", json={"size": 3}).status_code == 404  # exact path
+        assert client.get("/status/418").status_code == 418  # built-in routes stay
+    assert (first.status_code, first.json()) == (201, {"name": "box", "size": 3})
+    assert (first.headers["X-Thing"], again.headers["Idempotent-Replayed"]) == ("t", "true")
+    assert faulted.status_code == 503
+    assert [e.data for e in server.ledger.find(route="PUT /things", effect=True)] == [
+        {"name": "box", "size": 3}
+    ]
+
+
+def test_a_route_added_while_serving_replaces_the_old_handler(api: DemoAPI) -> None:
+    with httpx.Client(base_url=api.url) as client:
+        api.route("GET /items", lambda request: APIResponse(200, {"items": "mine"}))
+        api.route("/ping", lambda request: APIResponse(200, request.method))
+        assert client.get("/items").json() == {"items": "mine"}
+        assert client.delete("/ping").json() == "DELETE"  # no method: any method
+    with pytest.raises(ValueError, match="a route is"):
+        api.route("charges", lambda request: APIResponse(200))

@@ -1,7 +1,7 @@
 """recipes.api_to_db: every item of the API lands in the database exactly once.
 
 Counted from the database (the items table, its ``writes`` column, the effects table) and from
-the LocalAPI's ledger; nodekit's waits are instant, and ``--timeout 0.2`` makes the server's
+the DemoAPI's ledger; nodekit's waits are instant, and ``--timeout 0.2`` makes the server's
 slow answers (held 1 s) time out on the client.
 """
 
@@ -15,21 +15,22 @@ from typing import Any
 import psycopg
 import pytest
 
-from nodekit.testing import FaultPlan, Instant, LocalAPI
+from nodekit.testing import FaultPlan, Instant
 from recipes import api_to_db
+from recipes._demo_api import DemoAPI
 
 # Every fault kind first, in this order, then a seeded 30 % of random ones.
 SCRIPT: dict[str, Any] = {"GET /items": ["503", "429", "drop_before", "drop_after", "slow"]}
 
 
 @pytest.fixture
-def api() -> Iterator[LocalAPI]:
+def api() -> Iterator[DemoAPI]:
     plan = FaultPlan(seed=11, rate=0.3, script=SCRIPT, retry_after=0, slow=1.0)
-    with LocalAPI(faults=plan, items=47, seed=3) as server:
+    with DemoAPI(faults=plan, items=47, seed=3) as server:
         yield server
 
 
-def run(api: LocalAPI, tmp_path: Path, *extra: str) -> int:
+def run(api: DemoAPI, tmp_path: Path, *extra: str) -> int:
     return api_to_db.main(
         ["--api-url", api.url, "--data-dir", str(tmp_path), "--timeout", "0.2", *extra]
     )
@@ -48,12 +49,12 @@ def effects(conn: Any) -> int:
     return int(found[0])
 
 
-def expected(api: LocalAPI) -> list[tuple[Any, ...]]:
+def expected(api: DemoAPI) -> list[tuple[Any, ...]]:
     return [(i["id"], i["name"], i["price"], i["category"], 1) for i in api.items]
 
 
 def test_every_item_is_written_exactly_once_through_faults_and_a_second_run(
-    api: LocalAPI, tmp_path: Path, nk_instant: Instant, capsys: pytest.CaptureFixture[str]
+    api: DemoAPI, tmp_path: Path, nk_instant: Instant, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Faults of every kind are ridden out; the second run replays every page, writing nothing."""
     db_path = tmp_path / "items.sqlite"
@@ -75,7 +76,7 @@ def test_every_item_is_written_exactly_once_through_faults_and_a_second_run(
 
 
 def test_a_different_page_size_rewrites_but_never_duplicates(
-    api: LocalAPI, tmp_path: Path, nk_instant: Instant, capsys: pytest.CaptureFixture[str]
+    api: DemoAPI, tmp_path: Path, nk_instant: Instant, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """New pages are new keys: upserted again, still one row per item."""
     url = f"sqlite:///{tmp_path / 'items.sqlite'}"
@@ -91,7 +92,7 @@ def test_a_different_page_size_rewrites_but_never_duplicates(
 
 @pytest.mark.services
 def test_postgres_gets_every_item_once(
-    api: LocalAPI,
+    api: DemoAPI,
     tmp_path: Path,
     postgres_url: str,
     pg_schema: str,
@@ -117,7 +118,7 @@ def test_a_page_that_keeps_failing_fails_the_run_and_a_rerun_carries_on(
     """Retries run out on page 2: page 1 stays written, the next run replays it and finishes."""
     faults: list[Any] = [None, *["503"] * 6]
     plan = FaultPlan.scripted(*faults, retry_after=0)
-    with LocalAPI(faults=plan, items=20) as api:
+    with DemoAPI(faults=plan, items=20) as api:
         assert run(api, tmp_path, "--per-page", "10") == 1
         out = capsys.readouterr().out
         assert "FAILED: HTTPStatusError" in out

@@ -2,7 +2,7 @@
 gets one audit file, through faults, second runs and a SIGKILL.
 
 Effects are counted where they happen, never from counters inside the recipe: charges and
-receipts from the LocalAPI's ledger (the API verifies every receipt's ``X-Signature``), the
+receipts from the DemoAPI's ledger (the API verifies every receipt's ``X-Signature``), the
 stock from the SQLite database, the audit records from their files. nodekit's waits are
 instant; the recipe's timeouts are real, so the tests' own fault plans have no "slow" answers
 (the demo's plan, the recipe's, has a few).
@@ -25,9 +25,10 @@ from typing import Any
 
 import pytest
 
-from nodekit.testing import FaultPlan, Instant, LocalAPI, capture_events
-from nodekit.testing._server import FAULT_KINDS, Ledger
+from nodekit.testing import FaultPlan, Instant, capture_events
+from nodekit.testing._server import FAULT_KINDS
 from recipes import checkout
+from recipes._demo_api import DemoAPI, DemoLedger
 
 WORKER = Path(__file__).with_name("_checkout_worker.py")
 FAST_KINDS = tuple(kind for kind in FAULT_KINDS if kind != "slow")  # timeouts are real
@@ -47,12 +48,12 @@ def plan(seed: int, rate: float, script: Any = ()) -> FaultPlan:
 
 
 @pytest.fixture
-def api() -> Iterator[LocalAPI]:
-    with LocalAPI(faults=plan(7, 0.25, SCRIPT), webhook_secret=checkout.WEBHOOK_SECRET) as server:
+def api() -> Iterator[DemoAPI]:
+    with DemoAPI(faults=plan(7, 0.25, SCRIPT), webhook_secret=checkout.WEBHOOK_SECRET) as server:
         yield server
 
 
-def run(api: LocalAPI, data: Path, *extra: str) -> tuple[int, str]:
+def run(api: DemoAPI, data: Path, *extra: str) -> tuple[int, str]:
     out = io.StringIO()
     code = checkout.main(["--api-url", api.url, "--data-dir", str(data), *extra], out=out)
     return code, out.getvalue()
@@ -72,7 +73,7 @@ def audit_files(data: Path) -> dict[str, Path]:
 
 
 def check_effects(
-    ledger: Ledger, data: Path, orders: Sequence[checkout.Order], initial: int = STOCK
+    ledger: DemoLedger, data: Path, orders: Sequence[checkout.Order], initial: int = STOCK
 ) -> None:
     """Each order: one charge, one receipt naming that charge, its stock taken once, one
     audit file holding the order, its charge and a remaining stock consistent with the rest."""
@@ -125,7 +126,7 @@ def snapshot(data: Path) -> dict[str, tuple[bytes, int]]:
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_every_order_is_charged_once_through_faults_and_a_second_run_replays_everything(
-    api: LocalAPI, tmp_path: Path, nk_instant: Instant, mode: str
+    api: DemoAPI, tmp_path: Path, nk_instant: Instant, mode: str
 ) -> None:
     count = 12
     orders = checkout.make_orders(count, prefix="t")
@@ -161,7 +162,7 @@ def test_every_order_is_charged_once_through_faults_and_a_second_run_replays_eve
 
 
 def test_an_order_begun_in_async_mode_is_replayed_in_sync_mode(
-    api: LocalAPI, tmp_path: Path, nk_instant: Instant
+    api: DemoAPI, tmp_path: Path, nk_instant: Instant
 ) -> None:
     """The async nodes share their names (and so their journal entries and keys) with the sync ones."""
     args = ("--orders", "5", "--prefix", "x", "--quiet")
@@ -175,7 +176,7 @@ def test_an_order_begun_in_async_mode_is_replayed_in_sync_mode(
 
 
 def test_orders_out_of_stock_fail_alone_without_a_retry_or_a_charge(
-    api: LocalAPI, tmp_path: Path, nk_instant: Instant
+    api: DemoAPI, tmp_path: Path, nk_instant: Instant
 ) -> None:
     """Not enough stock is a business error: not retried, nothing charged, the run exits 1."""
     orders = checkout.make_orders(6, prefix="s")
@@ -206,7 +207,7 @@ def test_a_thousand_async_orders_through_faults_are_each_charged_exactly_once(
     tmp_path: Path, nk_instant: Instant
 ) -> None:
     count = 1_000
-    with LocalAPI(faults=plan(11, 0.15), webhook_secret=checkout.WEBHOOK_SECRET) as api:
+    with DemoAPI(faults=plan(11, 0.15), webhook_secret=checkout.WEBHOOK_SECRET) as api:
         code, out = run(
             api,
             tmp_path,
@@ -222,8 +223,8 @@ def test_a_thousand_async_orders_through_faults_are_each_charged_exactly_once(
 
 
 def charges_on_file(path: Path) -> int:
-    """The charges made so far, by the ledger file the LocalAPI appends to."""
-    return len(LocalAPI.read_ledger(path).find(route="POST /charges", effect=True))
+    """The charges made so far, by the ledger file the DemoAPI appends to."""
+    return len(DemoAPI.read_ledger(path).find(route="POST /charges", effect=True))
 
 
 @pytest.mark.slow
@@ -234,7 +235,7 @@ def test_a_batch_killed_midway_resumes_with_every_order_charged_once(
     """SIGKILL once some orders are charged (by the ledger file), then the same command again."""
     count, kill_after = 120, 30
     data, ledger_path = tmp_path / "data", tmp_path / "ledger.jsonl"
-    server = LocalAPI(
+    server = DemoAPI(
         faults=plan(5, 0.15), webhook_secret=checkout.WEBHOOK_SECRET, ledger_path=ledger_path
     )
     with server as api:
@@ -270,7 +271,7 @@ def test_a_batch_killed_midway_resumes_with_every_order_charged_once(
         assert f"{count} of {count} orders completed" in final.stdout
         assert "node results replayed from the journal: " in final.stdout
 
-        on_file = LocalAPI.read_ledger(ledger_path)
+        on_file = DemoAPI.read_ledger(ledger_path)
         assert len(on_file) == len(api.ledger)
         for ledger in (api.ledger, on_file):
             check_effects(ledger, data, checkout.make_orders(count, prefix="k"))

@@ -1,6 +1,6 @@
 """recipes.file_report: every input record is in the report, enriched or with its error.
 
-Requests are counted from the LocalAPI's ledger and records from the report file; nodekit's
+Requests are counted from the DemoAPI's ledger and records from the report file; nodekit's
 waits are instant, and ``--timeout 0.2`` makes slow answers (held 1 s) time out (the async
 attempt is cancelled and retried).
 """
@@ -19,8 +19,9 @@ from typing import Any
 
 import pytest
 
-from nodekit.testing import FaultPlan, Instant, LocalAPI
+from nodekit.testing import FaultPlan, Instant
 from recipes import file_report
+from recipes._demo_api import DemoAPI
 
 ROOT = Path(__file__).resolve().parents[2]
 # Faults per record (the order of concurrent requests varies, so no random ones): each kind
@@ -36,9 +37,9 @@ SCRIPT: dict[str, Any] = {
 
 
 @pytest.fixture
-def api() -> Iterator[LocalAPI]:
+def api() -> Iterator[DemoAPI]:
     plan = FaultPlan(rate=0.0, script=SCRIPT, retry_after=0, slow=1.0)
-    with LocalAPI(faults=plan) as server:
+    with DemoAPI(faults=plan) as server:
         yield server
 
 
@@ -56,14 +57,14 @@ def inputs(tmp_path: Path) -> Path:
     return folder
 
 
-def run(api: LocalAPI, tmp_path: Path, *extra: str) -> int:
+def run(api: DemoAPI, tmp_path: Path, *extra: str) -> int:
     return file_report.main(
         ["--api-url", api.url, "--data-dir", str(tmp_path / "data"), "--timeout", "0.2", *extra]
     )
 
 
 def test_every_record_is_enriched_through_faults_and_the_report_is_atomic(
-    api: LocalAPI, inputs: Path, tmp_path: Path, nk_instant: Instant
+    api: DemoAPI, inputs: Path, tmp_path: Path, nk_instant: Instant
 ) -> None:
     """30 records through faults of every kind: 30 enriched rows, and the malformed line."""
     output = tmp_path / "out" / "report.json"
@@ -102,7 +103,7 @@ def test_a_record_that_keeps_failing_is_reported_without_losing_the_others(
     """Enrichment of c-03 fails on every attempt: it is in the report with its error."""
     faults: list[Any] = ["503"] * 10
     storm = FaultPlan.scripted(*faults, route="GET /enrich/c-03", retry_after=0)
-    with LocalAPI(faults=storm) as api:
+    with DemoAPI(faults=storm) as api:
         output = tmp_path / "report.csv"
         assert run(api, tmp_path, "--input", str(inputs), "--output", str(output)) == 1
         assert len(api.ledger.find(route="GET /enrich/c-03")) == 6  # every attempt, then no more
@@ -120,7 +121,7 @@ def test_a_record_that_keeps_failing_is_reported_without_losing_the_others(
 
 
 def test_without_input_a_sample_set_is_generated_and_reported(
-    api: LocalAPI, tmp_path: Path, nk_instant: Instant
+    api: DemoAPI, tmp_path: Path, nk_instant: Instant
 ) -> None:
     assert run(api, tmp_path) == 0
 

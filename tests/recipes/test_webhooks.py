@@ -1,6 +1,6 @@
 """recipes.webhooks: each (target, event) is delivered at most once, by the server's ledger.
 
-The LocalAPI verifies every ``X-Signature`` (it answers 401 otherwise), injects faults of
+The DemoAPI verifies every ``X-Signature`` (it answers 401 otherwise), injects faults of
 every kind, and answers 410 for a gone target; deliveries are counted from its ledger and
 outcomes from the recipe's JSON-lines file. nodekit's waits are instant, and ``--timeout
 0.2`` makes slow answers (held 1 s) time out on the client after the server processed them.
@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 
-from nodekit.testing import FaultPlan, Instant, LocalAPI
+from nodekit.testing import FaultPlan, Instant
 from recipes import webhooks
+from recipes._demo_api import DemoAPI
 
 SECRET = "test-secret"
 COUNT = 6
@@ -28,14 +29,14 @@ SCRIPT: dict[str, Any] = {"POST /webhooks": ["drop_after", "slow", "503", "429",
 
 
 @pytest.fixture
-def api() -> Iterator[LocalAPI]:
+def api() -> Iterator[DemoAPI]:
     plan = FaultPlan(seed=5, rate=0.4, script=SCRIPT, retry_after=0, slow=1.0)
-    with LocalAPI(faults=plan, webhook_secret=SECRET) as server:
+    with DemoAPI(faults=plan, webhook_secret=SECRET) as server:
         server.gone(GONE)
         yield server
 
 
-def run(api: LocalAPI, tmp_path: Path, *extra: str) -> int:
+def run(api: DemoAPI, tmp_path: Path, *extra: str) -> int:
     return webhooks.main(
         [
             "--api-url",
@@ -60,7 +61,7 @@ def outcomes(tmp_path: Path) -> list[dict[str, str]]:
     return [json.loads(line) for line in text.splitlines()]
 
 
-def delivered(api: LocalAPI) -> Counter[tuple[str, str]]:
+def delivered(api: DemoAPI) -> Counter[tuple[str, str]]:
     """(target, event id) -> deliveries the server accepted (its effects, not its replays)."""
     return Counter(
         (entry.data["target"], entry.data["event"]["id"])
@@ -69,7 +70,7 @@ def delivered(api: LocalAPI) -> Counter[tuple[str, str]]:
 
 
 def test_each_event_reaches_each_live_target_once_through_a_storm_and_a_second_run(
-    api: LocalAPI, tmp_path: Path, nk_instant: Instant
+    api: DemoAPI, tmp_path: Path, nk_instant: Instant
 ) -> None:
     """Lost answers are retried with the same key and replayed by the server, never redelivered."""
     ids = [event["id"] for event in webhooks.make_events(COUNT)]
@@ -96,7 +97,7 @@ def test_each_event_reaches_each_live_target_once_through_a_storm_and_a_second_r
 
 
 def test_a_gone_target_is_never_called_after_its_first_410(
-    api: LocalAPI, tmp_path: Path, nk_instant: Instant
+    api: DemoAPI, tmp_path: Path, nk_instant: Instant
 ) -> None:
     """The 410 is recorded as gone and the target's remaining events are skipped, in both runs."""
     assert run(api, tmp_path) == 0
@@ -118,7 +119,7 @@ def test_a_wrong_secret_fails_every_event_without_retrying_or_delivering(
     tmp_path: Path, nk_instant: Instant, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """401 is permanent: one request per event, each recorded as failed; the run exits 1."""
-    with LocalAPI(webhook_secret="the-real-secret") as api:
+    with DemoAPI(webhook_secret="the-real-secret") as api:
         code = webhooks.main(
             [
                 *("--api-url", api.url, "--data-dir", str(tmp_path), "--secret", "wrong"),
@@ -133,7 +134,7 @@ def test_a_wrong_secret_fails_every_event_without_retrying_or_delivering(
 
 
 def test_outcomes_file_is_replaced_atomically(
-    api: LocalAPI, tmp_path: Path, nk_instant: Instant
+    api: DemoAPI, tmp_path: Path, nk_instant: Instant
 ) -> None:
     """Only the outcome file and the key store are left: no temporary files."""
     assert run(api, tmp_path) == 0
@@ -146,7 +147,7 @@ def test_outcomes_file_is_replaced_atomically(
 
 @pytest.mark.services
 def test_keys_kept_in_postgres_make_the_second_run_send_nothing(
-    api: LocalAPI, tmp_path: Path, postgres_url: str, pg_schema: str, nk_instant: Instant
+    api: DemoAPI, tmp_path: Path, postgres_url: str, pg_schema: str, nk_instant: Instant
 ) -> None:
     """``--db-url postgresql://`` keeps the keys' records in PostgreSQL (a fresh schema)."""
     url = f"{postgres_url}{'&' if '?' in postgres_url else '?'}options=-csearch_path%3D{pg_schema}"

@@ -20,7 +20,7 @@ from decimal import Decimal
 from pathlib import PurePath
 from typing import Any
 
-__all__ = ["canonical", "canonical_json", "derive_key", "digest"]
+__all__ = ["canonical", "canonical_json", "derive_key", "digest", "dumps"]
 
 
 def canonical(value: Any) -> Any:

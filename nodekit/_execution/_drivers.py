@@ -1,0 +1,110 @@
+"""The attempt loop, one sync and one async driver, and a node call in its context.
+
+`run_sync` / `run_async` are the whole retry loop; their first pass is the node's success
+path: while nobody listens to events, no retry state exists until an attempt fails, so a
+call that succeeds costs little more than the function itself. They only call, sleep, await
+and hop to a worker thread; every decision is `Attempts`'s. They read line for line alike.
+
+`call_sync` / `call_async` are one node call once its context is set — by the decorated
+function or by a flow running the node: node, run id and attempt bound for structlog,
+resources injected, then the node's driver (the attempt loop, or a keyed call around it).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from .._context import NodeContext
+from .._events import DEBUG, is_enabled_for
+from .._resources import ainject, inject
+from .._runtime import LOG_ATTEMPT, LOG_NODE, LOG_RUN, RUNTIME
+from .._spec import NodeSpec
+from ._attempts import Attempts
+from ._timed import attempt_in_thread, attempt_with_timeout
+
+__all__ = ["call_async", "call_sync", "run_async", "run_sync"]
+
+
+def run_sync(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any) -> Any:
+    """Run a sync node's attempts until one succeeds or `Attempts` gives up."""
+    fn = spec.fn
+    attempts = Attempts(spec, ctx) if RUNTIME.sinks or is_enabled_for(DEBUG) else None
+    while True:
+        try:
+            result = (
+                attempt_in_thread(spec, ctx, args, kwargs) if spec.threaded else fn(*args, **kwargs)
+            )
+        except Exception as exc:
+            if attempts is None:
+                if spec.retry is None:
+                    raise
+                attempts = Attempts(spec, ctx, announce=False)
+            RUNTIME.sleep(attempts.failed(exc))
+            ctx.next_attempt()
+            continue
+        if attempts is not None:
+            attempts.succeeded()
+        return result
+
+
+async def run_async(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any) -> Any:
+    """Await an async node's attempts until one succeeds or `Attempts` gives up."""
+    fn = spec.fn
+    attempts = Attempts(spec, ctx) if RUNTIME.sinks or is_enabled_for(DEBUG) else None
+    while True:
+        try:
+            result = await (
+                attempt_with_timeout(spec, ctx, args, kwargs)
+                if spec.threaded
+                else fn(*args, **kwargs)
+            )
+        except Exception as exc:
+            if attempts is None:
+                if spec.retry is None:
+                    raise
+                attempts = Attempts(spec, ctx, announce=False)
+            await RUNTIME.asleep(attempts.failed(exc))
+            ctx.next_attempt()
+            continue
+        if attempts is not None:
+            attempts.succeeded()
+        return result
+
+
+def _bind_log(ctx: NodeContext) -> tuple[Any, ...] | None:
+    """Bind node, run id and attempt for structlog's `merge_contextvars` (when loaded)."""
+    if "structlog" not in sys.modules:
+        return None
+    return LOG_NODE.set(ctx.node), LOG_RUN.set(ctx.run_id), LOG_ATTEMPT.set(ctx.attempt)
+
+
+def _unbind_log(tokens: tuple[Any, ...] | None) -> None:
+    if tokens is not None:
+        LOG_ATTEMPT.reset(tokens[2])
+        LOG_RUN.reset(tokens[1])
+        LOG_NODE.reset(tokens[0])
+
+
+def call_sync(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any) -> Any:
+    """One sync node call in its context (set by the caller): log ids, resources, driver."""
+    tokens = _bind_log(ctx)
+    try:
+        if spec.resources:
+            kwargs = dict(kwargs)
+            inject(spec.name, spec.resources, kwargs)
+        return spec.drive_sync(spec, ctx, args, kwargs)
+    finally:
+        _unbind_log(tokens)
+
+
+async def call_async(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any) -> Any:
+    """The async twin of `call_sync` (async resources are opened on the loop)."""
+    tokens = _bind_log(ctx)
+    try:
+        if spec.resources:
+            kwargs = dict(kwargs)
+            await ainject(spec.name, spec.resources, kwargs)
+        return await spec.drive_async(spec, ctx, args, kwargs)
+    finally:
+        _unbind_log(tokens)

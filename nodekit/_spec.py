@@ -1,0 +1,116 @@
+"""The compiled, frozen description of a node: everything decided once, at decoration time.
+
+`NodeSpec` is read on every call by the drivers, the claim protocol and the flow runner, so
+it lives below all of them; `_node.py` builds it (options validated, resource parameters
+found, idempotency compiled) and never changes it afterwards.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from ._errors import ConfigError
+from ._policies import (
+    Effect,
+    RetryPlan,
+    TimeoutPlan,
+    compile_effect,
+    compile_retry,
+    compile_timeout,
+)
+
+__all__ = ["NodeSpec", "is_async_callable"]
+
+
+class NodeSpec:
+    """Everything decided about a node at decoration time.
+
+    `drive_sync` / `drive_async` run a call once its context is set: the attempt loop, or a
+    keyed call holding its claim around it (set by `_node.py` when the node is keyed).
+    `replay_safe` is true when a repeated effect is harmless because a key guards it, so that
+    ambiguous errors may be retried; `nodekit.sql` sets it for its transactions.
+    """
+
+    __slots__ = (
+        "attempt_timeout",
+        "config",
+        "drive_async",
+        "drive_sync",
+        "effect",
+        "fn",
+        "idempotency",
+        "is_async",
+        "name",
+        "named",
+        "on_abandoned_finish",
+        "replay_safe",
+        "resources",
+        "retry",
+        "return_type",
+        "signature",
+        "threaded",
+        "timeout",
+        "total_timeout",
+    )
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        config: dict[str, Any],
+        *,
+        drive_sync: Callable[..., Any],
+        drive_async: Callable[..., Coroutine[Any, Any, Any]],
+    ) -> None:
+        self.fn = fn
+        self.config = config
+        name = config.get("name")
+        self.named = name is not None
+        if name is None:
+            name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
+            if name is None:
+                name = type(fn).__qualname__
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"node name must be a non-empty string, got {name!r}", option="name")
+        self.name = name
+        self.is_async = is_async_callable(fn)
+        self.retry: RetryPlan | None = compile_retry(config.get("retry"), node=name)
+        self.timeout: TimeoutPlan | None = compile_timeout(config.get("timeout"), node=name)
+        self.attempt_timeout = self.timeout.attempt if self.timeout else None
+        self.total_timeout = self.timeout.total if self.timeout else None
+        self.threaded = self.timeout is not None
+        self.effect = compile_effect(config.get("effect", Effect.WRITE), node=name)
+        try:
+            self.signature: inspect.Signature | None = inspect.signature(fn)
+        except (TypeError, ValueError):
+            self.signature = None
+        self.resources: tuple[tuple[str, str], ...] = ()
+        self.return_type = _return_type(fn)
+        self.on_abandoned_finish: Callable[..., None] | None = None
+        self.idempotency: Any = None
+        self.drive_sync = drive_sync
+        self.drive_async = drive_async
+        self.replay_safe = False
+
+    def __repr__(self) -> str:
+        return f"NodeSpec({self.name!r}, effect={self.effect!r}, async={self.is_async})"
+
+
+def is_async_callable(fn: Callable[..., Any]) -> bool:
+    """A coroutine function, or a callable instance whose ``__call__`` is one."""
+    if inspect.iscoroutinefunction(fn):
+        return True
+    call = getattr(fn, "__call__", None)  # noqa: B004 - callable instances with async __call__
+    return not inspect.isfunction(fn) and call is not None and inspect.iscoroutinefunction(call)
+
+
+def _return_type(fn: Callable[..., Any]) -> Any:
+    try:
+        hints = inspect.get_annotations(fn, eval_str=True)
+    except Exception:
+        try:
+            hints = dict(getattr(fn, "__annotations__", {}) or {})
+        except Exception:
+            return inspect.Signature.empty
+    return hints.get("return", inspect.Signature.empty)

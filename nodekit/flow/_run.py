@@ -1,0 +1,437 @@
+"""One run of a flow: its state, the decisions made on it, and its resources."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import inspect
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .._errors import ConfigError, FlowError
+from .._events import emit, observed, short_error
+from .._map import LoopRunner
+from .._resources import lookup_slot, use
+from ._graph import FIELD, RESOURCE, STATE, FlowOptions, Plan, Step, resolve_binds
+from ._schema import Problem
+
+# what an async step hands the scheduler to apply: a node's result, an update, a replay
+RESULT, UPDATED, REPLAYED = 0, 1, 2
+
+
+class Run:
+    """The state of one run and the decisions made on it (no I/O but the node calls)."""
+
+    __slots__ = (
+        "_loop",
+        "asynchronous",
+        "base",
+        "binds",
+        "completed",
+        "contrib",
+        "dirty",
+        "failed_emitted",
+        "flow",
+        "plan",
+        "public",
+        "resources",
+        "run_id",
+        "schema",
+        "t0",
+        "values",
+        "writers",
+    )
+
+    def __init__(self, flow: FlowOptions, plan: Plan, run_id: str, *, asynchronous: bool) -> None:
+        if not isinstance(run_id, str) or not run_id:
+            raise ConfigError(
+                f"flow {flow.name!r}: run_id must be a non-empty string, got {run_id!r}",
+                option="run_id",
+            )
+        self.flow = flow
+        self.plan = plan
+        self.schema = flow._schema
+        self.run_id = run_id
+        self.asynchronous = asynchronous
+        self.values: dict[str, Any] = {}
+        self.public: Any = None
+        self.completed: list[str] = []
+        self.writers: dict[str, int] = {}
+        self.resources: dict[str, Any] = {}
+        self.binds: list[tuple[tuple[str, int, str, bool], ...]] = []
+        self.contrib: dict[str, list[tuple[int, Any]]] = {}
+        self.dirty: set[str] = set()
+        self.base: dict[str, Any] = {}
+        self.failed_emitted = False
+        self._loop: LoopRunner | None = None
+        self.t0 = time.perf_counter()
+
+    # ------------------------------------------------------------------ start
+
+    def start(self, state: Any) -> None:
+        self.values, self.public = self.schema.initial(state)
+        self.binds = (
+            [step.binds for step in self.plan.order]
+            if self.plan.static
+            else resolve_binds(self.flow, self.plan, self.values)
+        )
+        if self.asynchronous and self.schema.reducers:
+            self.base = {k: self.values[k] for k in self.schema.reducers if k in self.values}
+
+    def provide_sync(self, exits: list[Callable[..., Any]]) -> None:
+        made: dict[str, Any] = {}
+        for name, factory in self.flow._resources.items():
+            value = factory()
+            if hasattr(value, "__enter__"):
+                exits.append(value.__exit__)
+                value = value.__enter__()
+            elif hasattr(value, "__aenter__"):
+                raise ConfigError(
+                    f"flow {self.flow.name!r}: resource {name!r} is an async context manager: "
+                    "run the flow with arun() or astream()",
+                    option=name,
+                )
+            made[name] = value
+        if made:
+            provide = use(**made)
+            provide.__enter__()
+            exits.append(provide.__exit__)
+        for name in self._bound_resources():
+            self.resources[name] = lookup_slot(self.flow.name, name).get()
+
+    async def provide_async(self, exits: list[Callable[..., Any]]) -> None:
+        made: dict[str, Any] = {}
+        for name, factory in self.flow._resources.items():
+            value = factory()
+            if hasattr(value, "__aenter__"):
+                exits.append(value.__aexit__)
+                value = await value.__aenter__()
+            elif hasattr(value, "__enter__"):
+                # a sync resource may block to open or close (a database connection): like a
+                # sync node, it does so in a worker thread, never on the event loop
+                exits.append(functools.partial(_exit_in_thread, value.__exit__))
+                value = await asyncio.to_thread(value.__enter__)
+            made[name] = value
+        if made:
+            provide = use(**made)
+            await provide.__aenter__()
+            exits.append(provide.__aexit__)
+        for name in self._bound_resources():
+            self.resources[name] = await lookup_slot(self.flow.name, name).aget()
+
+    def _bound_resources(self) -> list[str]:
+        return sorted(
+            {key for binds in self.binds for _, kind, key, _ in binds if kind == RESOURCE}
+        )
+
+    def started(self, durable: bool) -> None:
+        emit(
+            "flow.started",
+            None,
+            self.run_id,
+            flow=self.flow.name,
+            nodes=len(self.plan.order),
+            mode="async" if self.asynchronous else "sync",
+            durable=durable,
+        )
+
+    # ------------------------------------------------------------------ binding
+
+    def bind(self, step: Step) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        values = self.values
+        kwargs: dict[str, Any] = {}
+        for param, kind, key, optional in self.binds[step.index]:
+            if kind == FIELD:
+                try:
+                    kwargs[param] = values[key]
+                except KeyError:
+                    if not optional:
+                        raise Problem(
+                            f"its parameter {param!r} has no value: the state has no field "
+                            f"{key!r} (no node before it wrote one)",
+                            key,
+                        ) from None
+            elif kind == STATE:
+                kwargs[param] = self.schema.view(values, self.public)
+            else:
+                kwargs[param] = self.resources[key]
+        if not step.positional:
+            return (), kwargs
+        args = []
+        for param in step.positional:
+            if param not in kwargs:
+                break
+            args.append(kwargs.pop(param))
+        return tuple(args), kwargs
+
+    # ------------------------------------------------------------------ updates
+
+    def normalize(self, step: Step, result: Any) -> Mapping[str, Any] | None:
+        """The update a node's return value means (None: no change)."""
+        if result is None:
+            return None
+        if step.output is not None:
+            return {step.output: result}
+        if type(result) is dict:
+            update: Mapping[str, Any] = result
+        elif isinstance(result, Mapping):
+            update = dict(result)
+        elif hasattr(type(result), "model_fields") and hasattr(result, "model_fields_set"):
+            update = {key: getattr(result, key) for key in result.model_fields_set}
+        else:
+            raise Problem(
+                f"it returned a {type(result).__qualname__}: a node returns a dict of state "
+                "updates, a pydantic model, or None; declare output= to store a plain value",
+                None,
+                TypeError(f"node {step.name!r} returned {type(result).__qualname__}"),
+            )
+        for key in update:
+            if not isinstance(key, str):
+                raise Problem(f"it returned an update with a non-string key {key!r}", None)
+        return update
+
+    def merge(self, step: Step, update: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
+        """The state after `update`, validated; the writer check included. Raises `Problem`."""
+        writers = self.writers
+        if writers:
+            reducers = self.schema.reducers
+            for key in update:
+                prev = writers.get(key)
+                if (
+                    prev is not None
+                    and prev != step.index
+                    and not (step.ancestors >> prev) & 1
+                    and key not in reducers
+                ):
+                    other = self.plan.order[prev].name
+                    raise Problem(
+                        f"it writes field {key!r}, which {other!r} also wrote, and the two may run "
+                        f"concurrently: order them with after=, or give {key!r} a reducer",
+                        key,
+                        ConfigError(
+                            f"flow {self.flow.name!r}: nodes {other!r} and {step.name!r} both "
+                            f"write field {key!r} without a reducer",
+                            node=step.name,
+                            option=key,
+                        ),
+                    )
+        return self.schema.merge(self.values, self.public, update)
+
+    def install(
+        self,
+        step: Step,
+        update: Mapping[str, Any] | None,
+        merged: tuple[dict[str, Any], Any] | None,
+        duration: float | None,
+        replayed: bool = False,
+    ) -> None:
+        if update:
+            assert merged is not None
+            self.values, self.public = merged
+            writers = self.writers
+            index = step.index
+            for key in update:
+                writers[key] = index
+            if self.asynchronous and self.schema.reducers:
+                for key in update:
+                    if key in self.schema.reducers:
+                        entries = self.contrib.setdefault(key, [])
+                        if entries and entries[-1][0] > index:
+                            self.dirty.add(key)
+                        entries.append((index, update[key]))
+        self.completed.append(step.name)
+        if not replayed and not observed():
+            return
+        if replayed:
+            emit(
+                "flow.node_skipped",
+                step.name,
+                self.run_id,
+                flow=self.flow.name,
+                reason="replayed",
+                updated=tuple(update or ()),
+            )
+        else:
+            emit(
+                "flow.node_finished",
+                step.name,
+                self.run_id,
+                duration=duration,
+                flow=self.flow.name,
+                updated=tuple(update or ()),
+            )
+
+    def commit(self, step: Step, result: Any, duration: float | None) -> None:
+        """Apply a node's result: normalize, merge, install. Raises `Problem`."""
+        self.apply(step, self.normalize(step, result), duration)
+
+    def apply(self, step: Step, update: Mapping[str, Any] | None, duration: float | None) -> None:
+        """Merge and install an update (None or empty: no change). Raises `Problem`."""
+        if not update:
+            self.install(step, None, None, duration)
+            return
+        self.install(step, update, self.merge(step, update), duration)
+
+    def node_started(self, step: Step) -> None:
+        if observed():
+            emit("flow.node_started", step.name, self.run_id, flow=self.flow.name)
+
+    # ------------------------------------------------------------------ sync step
+
+    def step_sync(self, step: Step) -> None:
+        t0 = time.perf_counter()
+        try:
+            args, kwargs = self.bind(step)
+            self.node_started(step)
+            result = step.call(*args, **kwargs)
+            if step.is_async:
+                result = self.loop().run(result)
+            self.commit(step, result, time.perf_counter() - t0)
+        except Exception as exc:
+            raise self.fail(step.name, exc)  # noqa: B904 - fail() sets the cause
+
+    def loop(self) -> LoopRunner:
+        runner = self._loop
+        if runner is None:
+            runner = self._loop = LoopRunner()
+        return runner
+
+    def close_loop(self) -> None:
+        runner, self._loop = self._loop, None
+        if runner is not None:
+            runner.close()
+
+    # ------------------------------------------------------------------ end
+
+    def finish(self) -> Any:
+        if self.dirty:
+            self.refold()
+        emit(
+            "flow.finished",
+            None,
+            self.run_id,
+            duration=time.perf_counter() - self.t0,
+            flow=self.flow.name,
+            completed=tuple(self.completed),
+            state=self.public,
+        )
+        return self.public
+
+    def refold(self) -> None:
+        """Fold the reducer fields again in canonical order (parallel nodes finished out of it)."""
+        values = dict(self.values)
+        for key in sorted(self.dirty):
+            reducer = self.schema.reducers[key]
+            entries = sorted(self.contrib[key], key=lambda entry: entry[0])
+            if key in self.base:
+                value = self.base[key]
+                rest = entries
+            else:
+                value, rest = entries[0][1], entries[1:]
+            for _, item in rest:
+                value = reducer(value, item)
+            values[key] = value
+        keys, self.dirty = self.dirty, set()
+        self.values, self.public = self.schema.revalidate(values, self.public, keys)
+
+    def fail(self, node: str | None, exc: BaseException) -> FlowError:
+        """The `FlowError` for a failure (emits ``flow.failed``); the caller raises it."""
+        if self.dirty:
+            with contextlib.suppress(Exception):  # report the state as it stood
+                self.refold()
+        field = None
+        if isinstance(exc, Problem):
+            why, field, cause = exc.message, exc.field, exc.cause
+        else:
+            why, cause = f"{short_error(exc, 300)}", exc
+        where = f"at node {node!r}" if node is not None else "before any node ran"
+        error = FlowError(
+            f"flow {self.flow.name!r} (run {self.run_id}) failed {where}: {why}",
+            node=node,
+            state=self.public,
+            completed=tuple(self.completed),
+            failed=node,
+            run_id=self.run_id,
+            field=field,
+        )
+        if cause is not None:
+            error.__cause__ = cause
+        self.failed_emitted = True
+        emit(
+            "flow.failed",
+            node,
+            self.run_id,
+            exc=cause if cause is not None else error,
+            flow=self.flow.name,
+            failed=node,
+            completed=tuple(self.completed),
+            duration=time.perf_counter() - self.t0,
+        )
+        return error
+
+    def aborted(self, exc: BaseException) -> None:
+        """Anything else ended the run (cancellation, KeyboardInterrupt, a closed stream)."""
+        if self.failed_emitted or isinstance(exc, GeneratorExit | ConfigError):
+            return
+        self.failed_emitted = True
+        emit(
+            "flow.failed",
+            None,
+            self.run_id,
+            exc=exc,
+            flow=self.flow.name,
+            failed=None,
+            completed=tuple(self.completed),
+            duration=time.perf_counter() - self.t0,
+        )
+
+
+def replay_update(run: Run, step: Step, update: Mapping[str, Any]) -> None:
+    """Apply a journaled update without running the node (a divergence is a `Problem`)."""
+    try:
+        merged = run.merge(step, update) if update else None
+    except Problem as problem:
+        raise Problem(
+            f"its journaled update no longer applies to this flow's state ({problem.message}); "
+            "the journal diverges from the flow: resume with the flow that wrote it, or start "
+            "a new run_id",
+            problem.field,
+            problem.cause,
+        ) from problem
+    run.install(step, update or None, merged, None, replayed=True)
+    emit("node.replayed", step.name, run.run_id, flow=run.flow.name, source="journal")
+
+
+# ---------------------------------------------------------------------------- resources
+
+
+def close_resources_sync(exits: list[Callable[..., Any]]) -> None:
+    error: BaseException | None = None
+    for close in reversed(exits):
+        try:
+            close(None, None, None)
+        except BaseException as exc:
+            error = error or exc
+    exits.clear()
+    if error is not None:
+        raise error
+
+
+async def _exit_in_thread(exit: Callable[..., Any], *exc: Any) -> Any:
+    return await asyncio.to_thread(exit, *exc)
+
+
+async def close_resources_async(exits: list[Callable[..., Any]]) -> None:
+    error: BaseException | None = None
+    for close in reversed(exits):
+        try:
+            result = close(None, None, None)
+            if inspect.isawaitable(result):
+                await result
+        except BaseException as exc:
+            error = error or exc
+    exits.clear()
+    if error is not None:
+        raise error

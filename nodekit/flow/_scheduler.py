@@ -1,0 +1,242 @@
+"""The drivers of a run: the sync stepping loop and the async scheduler.
+
+Sync mode runs the nodes in canonical order in the calling thread, one per step of a
+generator (so `Flow.stream` can yield between nodes). Async mode starts every ready node
+(at most ``max_concurrency`` at once), applies results as they finish, in canonical order
+within a batch, and on a failure cancels or lets finish the nodes still running, as
+``on_error`` says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import time
+from collections import deque
+from collections.abc import Callable, Generator
+from typing import Any
+
+from .. import _context
+from .._context import new_run_id
+from .._runtime import LOG_RUN
+from ._graph import FlowOptions, Plan, Step
+from ._journal import Journal
+from ._run import RESULT, UPDATED, Run, close_resources_async, close_resources_sync, replay_update
+
+
+def _begin(
+    flow: FlowOptions, plan: Plan, state: Any, run_id: str | None, store: Any, asynchronous: bool
+) -> tuple[Run, Journal | None, tuple[Any, Any]]:
+    """A run's state, its journal (durable runs) and its run id bound for the nodes and logs."""
+    run = Run(flow, plan, run_id or new_run_id(), asynchronous=asynchronous)
+    run.start(state)
+    journal = Journal(flow, run, store) if store is not None else None
+    return run, journal, (_context.set_run_id(run.run_id), LOG_RUN.set(run.run_id))
+
+
+def _unbind(tokens: tuple[Any, Any]) -> None:
+    LOG_RUN.reset(tokens[1])
+    _context.reset_run_id(tokens[0])
+
+
+def drive_flow_sync(
+    flow: FlowOptions, plan: Plan, state: Any, run_id: str | None, store: Any
+) -> Generator[None, None, Any]:
+    """The sync driver: a generator that runs one node per step, returning the state."""
+    run, journal, tokens = _begin(flow, plan, state, run_id, store, False)
+    exits: list[Callable[..., Any]] = []
+    try:
+        run.provide_sync(exits)
+        run.started(journal is not None)
+        if journal is not None:
+            journal.open_sync()
+        step_sync = run.step_sync if journal is None else journal.step_sync
+        for step in plan.order:
+            step_sync(step)
+            yield
+        return run.finish()
+    except BaseException as exc:
+        run.aborted(exc)
+        raise
+    finally:
+        try:
+            run.close_loop()
+            if journal is not None:
+                journal.close_sync()
+        finally:
+            close_resources_sync(exits)
+            _unbind(tokens)
+
+
+async def drive_flow_async(
+    flow: FlowOptions, plan: Plan, state: Any, run_id: str | None, store: Any
+) -> Any:
+    """The async driver: one run on the running event loop, returning the final state."""
+    run, journal, tokens = _begin(flow, plan, state, run_id, store, True)
+    exits: list[Callable[..., Any]] = []
+    try:
+        await run.provide_async(exits)
+        run.started(journal is not None)
+        if journal is not None:
+            await journal.open_async()
+        await Scheduler(flow, run, journal).drive()
+        return run.finish()
+    except BaseException as exc:
+        run.aborted(exc)
+        raise
+    finally:
+        try:
+            if journal is not None:
+                await journal.close_async()
+        finally:
+            await close_resources_async(exits)
+            _unbind(tokens)
+
+
+class Scheduler:
+    """The async driver: starts ready nodes (bounded), applies results as they finish."""
+
+    __slots__ = (
+        "failure",
+        "finished",
+        "flow",
+        "journal",
+        "ready",
+        "run",
+        "running",
+        "stop_starting",
+        "waiting",
+        "wake",
+    )
+
+    def __init__(self, flow: FlowOptions, run: Run, journal: Journal | None) -> None:
+        self.flow = flow
+        self.run = run
+        self.journal = journal
+        self.running: dict[asyncio.Task[Any], Step] = {}
+        self.finished: deque[asyncio.Task[Any]] = deque()
+        self.wake = asyncio.Event()
+        order = run.plan.order
+        self.waiting = [len(step.deps) for step in order]
+        self.ready = [step.index for step in order if not step.deps]
+        heapq.heapify(self.ready)
+        self.failure: tuple[str | None, BaseException] | None = None
+        self.stop_starting = False
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self.finished.append(task)
+        self.wake.set()
+
+    async def node(self, step: Step) -> tuple[int, Any, float]:
+        """Run one node (journaled or not); returns what the main loop applies."""
+        if self.journal is not None:
+            return await self.journal.step_async(step)
+        run = self.run
+        t0 = time.perf_counter()
+        args, kwargs = run.bind(step)
+        run.node_started(step)
+        if step.is_async:
+            result = await step.call(*args, **kwargs)
+        else:
+            result = await asyncio.to_thread(step.call, *args, **kwargs)
+        return RESULT, result, time.perf_counter() - t0
+
+    def apply(self, step: Step, outcome: tuple[int, Any, float]) -> None:
+        kind, payload, duration = outcome
+        run = self.run
+        if kind == RESULT:
+            run.commit(step, payload, duration)
+        elif kind == UPDATED:
+            run.apply(step, payload, duration)
+        else:
+            replay_update(run, step, payload)
+
+    async def drive(self) -> None:
+        """Run every node; raises the run's `FlowError` for the first node that failed."""
+        running = self.running
+        try:
+            while True:
+                if not self.stop_starting:
+                    if not running and len(self.ready) == 1:
+                        # a lone ready node (a chain): await it here, no task needed
+                        if not await self._await_lone():
+                            break
+                        continue
+                    self._start_ready()
+                if not running:
+                    break
+                await self.wake.wait()
+                self.wake.clear()
+                self._collect()
+        except BaseException:
+            await self._cancel_all()
+            raise
+        if self.failure is not None:
+            raise self.run.fail(*self.failure)
+
+    def _release(self, step: Step) -> None:
+        waiting = self.waiting
+        for index in step.dependants:
+            waiting[index] -= 1
+            if waiting[index] == 0:
+                heapq.heappush(self.ready, index)
+
+    async def _await_lone(self) -> bool:
+        """Run the one ready node in place; False if it failed (the run stops)."""
+        step = self.run.plan.order[heapq.heappop(self.ready)]
+        try:
+            self.apply(step, await self.node(step))
+        except Exception as exc:
+            self.failure = (step.name, exc)
+            return False
+        self._release(step)
+        return True
+
+    def _start_ready(self) -> None:
+        """Start ready nodes as tasks, in canonical order, up to `max_concurrency` running."""
+        order = self.run.plan.order
+        limit = self.flow.max_concurrency
+        ready = self.ready
+        running = self.running
+        loop = asyncio.get_running_loop()
+        while ready and (limit is None or len(running) < limit):
+            step = order[heapq.heappop(ready)]
+            task = loop.create_task(self.node(step))
+            task.add_done_callback(self._done)
+            running[task] = step
+
+    def _collect(self) -> None:
+        """Apply the nodes that finished (canonical order); the first failure stops starting."""
+        running = self.running
+        batch = sorted(self.finished, key=lambda t: running[t].index)
+        self.finished.clear()
+        for task in batch:
+            step = running.pop(task)
+            if task.cancelled():
+                continue
+            problem = task.exception()
+            if problem is None:
+                try:
+                    self.apply(step, task.result())
+                except Exception as error:
+                    problem = error
+                else:
+                    if not self.stop_starting:
+                        self._release(step)
+                    continue
+            if not isinstance(problem, Exception):
+                raise problem
+            if self.failure is None:
+                self.failure = (step.name, problem)
+                self.stop_starting = True
+                if self.flow.on_error == "cancel":
+                    for other in running:
+                        other.cancel()
+
+    async def _cancel_all(self) -> None:
+        tasks = list(self.running)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self.running.clear()

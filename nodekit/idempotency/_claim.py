@@ -1,0 +1,333 @@
+"""The claim protocol, written once: acquire → run → complete or release, the lease renewed.
+
+Every user of a key goes through here: a keyed node call (`_keyed.py`), a durable flow's
+journal entries, and the decisions `nodekit.sql` applies to the row it finds. The protocol
+is a generator that makes the decisions and *yields* each store operation it needs as a
+command; `drive_sync` and `drive_async` carry the commands out (call or await, sleep, run the
+holder's body) and send the replies back. So each step exists once, and the two drivers
+differ only by `await`.
+
+What a holder does at each step (replay a completed record, raise on a mismatch, what a
+failure means for the key) is a `Holder` subclass: the protocol asks it, it never talks to
+the store.
+
+Guarantees kept here:
+
+- the caller chooses its owner token before acquiring, so an acquire whose reply is lost, or
+  whose task is cancelled mid-call, is reconciled: the caller releases its own claim (or the
+  renewer does, once the store answers) and nothing stays locked when nothing ran;
+- while the body runs, the process's one renewer (`_renewer.py`) keeps the lease alive;
+- a completion write that fails is retried with backoff until the lease runs out, the lease
+  renewed meanwhile; if it never lands, the record stays in progress — never released, since
+  the effect happened — and the caller gets `OutcomeUnknown` chained to the store error;
+- every write after the acquire is conditional on the token (fencing): a holder whose lease
+  was taken over never overwrites or deletes the record.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Generator
+from typing import Any
+
+from .._errors import NodekitError
+from .._runtime import RUNTIME
+from ._lease import Claim
+from ._renewer import RENEWER
+from ._store import COMPLETED, Acquisition, Record
+
+__all__ = [
+    "BUSY",
+    "KEEP",
+    "MISMATCH",
+    "RELEASE",
+    "REPLAY",
+    "STORE",
+    "UNKNOWN",
+    "Claim",
+    "Holder",
+    "drive_async",
+    "drive_sync",
+    "refusal",
+]
+
+# why an acquire was refused
+MISMATCH, REPLAY, UNKNOWN, BUSY = "mismatch", "replay", "unknown", "busy"
+# what a failed body does to the key
+KEEP, RELEASE, STORE = "keep", "release", "store"
+
+# the commands the protocol yields: (command, argument)
+_ACQUIRE, _COMPLETE, _RELEASE, _GET, _SLEEP, _BODY = range(6)
+Command = tuple[int, Any]
+Protocol = Generator[Command, Any, Any]
+
+
+def refusal(fingerprint: str, got: Acquisition) -> str:
+    """Why an acquire that did not acquire cannot proceed: `MISMATCH`, `REPLAY`, `UNKNOWN`
+    (the previous holder vanished and takeover is not allowed: at most once) or `BUSY`."""
+    record = got.record
+    if record.fingerprint != fingerprint:
+        return MISMATCH
+    if record.state == COMPLETED:
+        return REPLAY
+    if record.lease_expires_at <= got.now:
+        return UNKNOWN
+    return BUSY
+
+
+class Holder:
+    """What one kind of holder does at each step; the protocol calls, it decides."""
+
+    claim: Claim
+    # a monotonic instant until which a busy key is waited for (None: never wait)
+    wait_until: float | None = None
+    waited = False
+
+    def refused(self, reason: str, got: Acquisition) -> Any:
+        """The key could not be acquired: return the call's value (a replay) or raise."""
+        raise NotImplementedError
+
+    def acquired(self, got: Acquisition) -> None:
+        """The key is held (a fresh claim or a takeover)."""
+
+    def body_sync(self) -> Any:
+        raise NotImplementedError
+
+    async def body_async(self) -> Any:
+        raise NotImplementedError
+
+    def encode(self, result: Any) -> tuple[str | None, str | None]:
+        """The record's (result, error) JSON for a successful body."""
+        raise NotImplementedError
+
+    def completed(self, result: Any) -> Any:
+        """The result was recorded: what the call returns."""
+        return result
+
+    def lost(self, record: Record | None, result: Any) -> Any:
+        """The completion was refused (taken over): return the recorded outcome or raise."""
+        raise NotImplementedError
+
+    def failure(self, exc: BaseException) -> tuple[str, str | None]:
+        """What a failed body does to the key: `KEEP`, `RELEASE`, or `STORE` with error JSON."""
+        return RELEASE, None
+
+    def failed(self, exc: BaseException, action: str) -> BaseException:
+        """The error the call raises once the key is settled (`exc` itself by default)."""
+        return exc
+
+    def store_error(self, op: str, exc: Exception) -> Exception:
+        """The error for a store that failed at `op` before anything ran."""
+        raise NotImplementedError
+
+    def unrecorded(self, exc: Exception) -> Exception:
+        """The effect happened but its outcome could not be recorded within the lease."""
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------- the protocol
+
+
+def _protocol(holder: Holder) -> Protocol:
+    claim = holder.claim
+    got = yield from _acquire(holder)
+    claim.epoch = got.record.epoch
+    holder.acquired(got)
+    RENEWER.hold(claim)
+    try:
+        result = yield _BODY, None
+    except BaseException as exc:
+        RENEWER.drop(claim)
+        action = yield from _settle(holder, exc)
+        replacement = holder.failed(exc, action)
+        if replacement is exc:
+            raise
+        raise replacement from exc
+    try:
+        text, error = holder.encode(result)
+        recorded = yield from _complete(holder, text, error)
+    finally:
+        RENEWER.drop(claim)
+    if recorded:
+        return holder.completed(result)
+    claim.lose()
+    try:
+        record = yield _GET, None
+    except Exception as exc:
+        raise holder.unrecorded(exc) from exc
+    return holder.lost(record, result)
+
+
+def _acquire(holder: Holder) -> Generator[Command, Any, Acquisition]:
+    """Acquire, waiting on a busy key while the holder wants to; a refusal ends the call."""
+    claim = holder.claim
+    pause = 0.005
+    while True:
+        claim.lease_end = time.monotonic() + claim.lease
+        try:
+            got: Acquisition = yield _ACQUIRE, None
+        except BaseException as exc:
+            yield from _reconcile(claim, exc)
+            if isinstance(exc, Exception) and not isinstance(exc, NodekitError):
+                raise holder.store_error("acquire", exc) from exc
+            raise
+        if got.acquired:
+            return got
+        reason = refusal(claim.fingerprint, got)
+        left = 0.0 if holder.wait_until is None else holder.wait_until - time.monotonic()
+        if reason != BUSY or left <= 0.0:
+            # the refusal is the call's outcome: a replay's value, or an error
+            raise _Refused(holder.refused(reason, got))
+        holder.waited = True
+        yield _SLEEP, min(pause, left)
+        pause = min(pause * 2, 0.5)
+
+
+class _Refused(Exception):
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+def _reconcile(claim: Claim, exc: BaseException) -> Generator[Command, Any, None]:
+    """An acquire failed mid-way: release our own claim if the store recorded it."""
+    if isinstance(exc, NodekitError):
+        return  # the store answered (a corrupt record, a closed store): nothing was written
+    released = False
+    if isinstance(exc, Exception):  # a lost reply: try at once; a cancelled task must not wait
+        try:
+            released = yield _RELEASE, None
+        except Exception:
+            released = False
+    if released:
+        claim.event("idempotency.released", reconciled=True)
+    else:
+        RENEWER.reconcile(claim)
+
+
+def _complete(holder: Holder, text: str | None, error: str | None) -> Generator[Command, Any, bool]:
+    """Record the outcome; a store fault is retried until the lease runs out."""
+    claim = holder.claim
+    claim.settling = True
+    pause = 0.01
+    waited = 0.0  # the waits asked for: under the test kit's instant clock no time passes
+    first = time.monotonic()
+    while True:
+        try:
+            recorded: bool = yield _COMPLETE, (text, error)
+            return recorded
+        except Exception as exc:
+            now = time.monotonic()
+            left = claim.lease_end - max(now, first + waited)
+            if claim.lost or left <= 0.0:
+                raise holder.unrecorded(exc) from exc
+            claim.event("idempotency.store_error", exc=exc, op="complete", retrying=True)
+            wait = min(pause, left)
+            waited += wait
+            yield _SLEEP, wait
+            pause = min(pause * 2, 1.0)
+
+
+def _settle(holder: Holder, exc: BaseException) -> Generator[Command, Any, str]:
+    """After the body failed: store a listed error, keep the lease, or release the key."""
+    claim = holder.claim
+    action, error = holder.failure(exc)
+    if action == STORE:
+        if not (yield from _complete(holder, None, error)):
+            claim.lose()
+    elif action == RELEASE:
+        try:
+            released = yield _RELEASE, None
+        except Exception:
+            return action  # the lease expires on its own
+        if released:
+            claim.event("idempotency.released")
+        else:
+            claim.lose()
+    return action
+
+
+# ---------------------------------------------------------------------------- drivers
+
+
+def _request(
+    claim: Claim, command: int, argument: Any
+) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
+    """The store operation a command names: (sync method name, args, kwargs)."""
+    if command == _ACQUIRE:
+        kwargs = {"lease": claim.lease, "ttl": claim.ttl, "takeover": claim.takeover}
+        return "acquire", (claim.key, claim.fingerprint), {**kwargs, "token": claim.token}
+    if command == _COMPLETE:
+        result, error = argument
+        return (
+            "complete",
+            (claim.key, claim.token),
+            {"result": result, "error": error, "ttl": claim.ttl},
+        )
+    if command == _RELEASE:
+        return "release", (claim.key, claim.token), {}
+    return "get", (claim.key,), {}
+
+
+def _advance(protocol: Protocol, reply: Any, error: BaseException | None) -> Command:
+    """Send the last reply (or error) into the protocol; its next command."""
+    return protocol.send(reply) if error is None else protocol.throw(error)
+
+
+async def _drive(holder: Holder, perform: Callable[[Holder, int, Any], Awaitable[Any]]) -> Any:
+    """Carry out the protocol's commands with `perform` until it returns the call's value.
+
+    Written once for both modes: `drive_sync` passes a `perform` that never suspends (it
+    blocks on the store), so the coroutine finishes on its first step without an event loop.
+    """
+    protocol, reply, error = _protocol(holder), None, None
+    while True:
+        try:
+            command, argument = _advance(protocol, reply, error)
+        except StopIteration as stop:
+            return stop.value
+        except _Refused as refused:
+            return refused.value
+        reply, error = None, None
+        try:
+            reply = await perform(holder, command, argument)
+        except BaseException as exc:
+            error = exc
+
+
+async def _blocking(holder: Holder, command: int, argument: Any) -> Any:
+    """One command, done in this thread (never suspends)."""
+    if command == _BODY:
+        return holder.body_sync()
+    if command == _SLEEP:
+        return RUNTIME.sleep(argument)
+    name, args, kwargs = _request(holder.claim, command, argument)
+    return getattr(holder.claim.store, name)(*args, **kwargs)
+
+
+async def _awaited(holder: Holder, command: int, argument: Any) -> Any:
+    """One command, awaited on the running loop (the store's async twin: "a" + name)."""
+    if command == _SLEEP:
+        await RUNTIME.asleep(argument)
+        return None
+    if command == _BODY:
+        work = holder.body_async()
+    else:
+        name, args, kwargs = _request(holder.claim, command, argument)
+        work = getattr(holder.claim.store, "a" + name)(*args, **kwargs)
+    return await work
+
+
+def drive_sync(holder: Holder) -> Any:
+    """Carry out the protocol for `holder` in this thread."""
+    steps = _drive(holder, _blocking)
+    try:
+        steps.send(None)
+    except StopIteration as done:
+        return done.value
+    steps.close()  # pragma: no cover - `_blocking` never suspends
+    raise RuntimeError("nodekit: a sync claim suspended")  # pragma: no cover
+
+
+def drive_async(holder: Holder) -> Coroutine[Any, Any, Any]:
+    """Carry out the protocol for `holder` on the running event loop (store I/O awaited)."""
+    return _drive(holder, _awaited)

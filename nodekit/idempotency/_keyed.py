@@ -1,0 +1,286 @@
+"""A keyed node call: one claim per logical call, wrapping the whole retry loop.
+
+The key is computed once; the claim protocol (`_claim.py`) acquires it, runs every attempt
+while holding it, and completes or releases it. `KeyedCall` says what a keyed call does at
+each step: replay a completed record (equal in value and type), raise on a different payload,
+wait for or refuse a busy key, and what a failure means for the key — a safe or permanent
+one releases it, an ambiguous one keeps the lease (the effect may have happened) and raises
+`OutcomeUnknown`, a listed business error is stored and replayed.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from .._classify import AMBIGUOUS, classify
+from .._context import NodeContext
+from .._errors import (
+    IdempotencyInProgress,
+    IdempotencyLeaseLost,
+    IdempotencyMismatch,
+    IdempotencyStoreError,
+    NodekitError,
+    OutcomeUnknown,
+)
+from .._events import emit
+from .._execution import run_async, run_sync
+from .._spec import NodeSpec
+from ._claim import KEEP, RELEASE, REPLAY, STORE, Claim, Holder, drive_async, drive_sync
+from ._policy import IdempotencyPlan
+from ._store import COMPLETED, Acquisition, Record, RecordKey
+
+__all__ = [
+    "KeyedCall",
+    "keyed_async",
+    "keyed_sync",
+    "on_abandoned_finish",
+    "refusal_error",
+    "replayed",
+]
+
+# refusal -> (event, error type, what the error says after "key <fingerprint>")
+_REFUSALS: dict[str, tuple[str, type[NodekitError], str]] = {
+    "mismatch": (
+        "idempotency.mismatch",
+        IdempotencyMismatch,
+        "was used before with a different payload; nothing ran. Use a new key for a new request",
+    ),
+    "unknown": (
+        "idempotency.outcome_unknown",
+        OutcomeUnknown,
+        "was held by a call that vanished mid-effect and the node delivers at most once: "
+        "resolve the key (nk.resolve or store.delete) once you know whether the effect happened",
+    ),
+    "busy": (
+        "idempotency.in_progress",
+        IdempotencyInProgress,
+        "is held by a call still in progress; retry once it ends or its lease expires",
+    ),
+}
+
+
+def keyed_sync(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any) -> Any:
+    """Run a keyed sync call: replay, or hold the key while the attempt loop runs."""
+    found = spec.idempotency.key_for(args, kwargs)
+    if found is None:  # Idempotency(optional=True) and no key: an unkeyed call
+        return run_sync(spec, ctx, args, kwargs)
+    return drive_sync(KeyedCall(spec, ctx, args, kwargs, *found))
+
+
+async def keyed_async(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any) -> Any:
+    """The async twin of `keyed_sync`: store I/O awaited, never blocking the loop."""
+    found = spec.idempotency.key_for(args, kwargs)
+    if found is None:
+        return await run_async(spec, ctx, args, kwargs)
+    return await drive_async(KeyedCall(spec, ctx, args, kwargs, *found))
+
+
+class KeyedCall(Holder):
+    """What a keyed node call does at each step of the claim protocol."""
+
+    def __init__(
+        self,
+        spec: NodeSpec,
+        ctx: NodeContext,
+        args: Any,
+        kwargs: Any,
+        key: RecordKey,
+        fingerprint: str,
+    ) -> None:
+        plan: IdempotencyPlan = spec.idempotency
+        self.spec = spec
+        self.ctx = ctx
+        self.args = args
+        self.kwargs = kwargs
+        self.plan = plan
+        ctx.idempotency_key = key.digest
+        self.claim = Claim(
+            plan.store(),
+            key,
+            fingerprint,
+            lease=plan.held,
+            ttl=plan.kept,
+            takeover=plan.takeover,
+            node=spec.name,
+            run_id=ctx.run_id,
+        )
+        self.claim.attempt = ctx.attempt
+        if plan.policy.on_conflict == "wait":
+            self.wait_until = time.monotonic() + plan.wait_timeout
+
+    # ------------------------------------------------------------------ acquire
+
+    def refused(self, reason: str, got: Acquisition) -> Any:
+        if reason == REPLAY:
+            return self._replay(got.record, "idempotency.waited" if self.waited else None)
+        claim = self.claim
+        claim.epoch = got.record.epoch
+        claim.event(_REFUSALS[reason][0])
+        raise refusal_error(reason, self.spec.name, claim.key)
+
+    def acquired(self, got: Acquisition) -> None:
+        ctx = self.ctx
+        ctx.epoch = got.record.epoch
+        ctx.lease = self  # an abandoned sync attempt that finishes later settles through it
+        self.claim.event("idempotency.takeover" if got.takeover else "idempotency.acquired")
+
+    def store_error(self, op: str, exc: Exception) -> Exception:
+        self.claim.event("idempotency.store_error", exc=exc, op=op)
+        return IdempotencyStoreError(
+            f"node {self.spec.name!r}: the idempotency store failed at {op} "
+            f"({type(exc).__name__}: {exc}); the node did not run",
+            node=self.spec.name,
+        )
+
+    # ------------------------------------------------------------------ run
+
+    def body_sync(self) -> Any:
+        return run_sync(self.spec, self.ctx, self.args, self.kwargs)
+
+    async def body_async(self) -> Any:
+        return await run_async(self.spec, self.ctx, self.args, self.kwargs)
+
+    # ------------------------------------------------------------------ outcomes
+
+    def encode(self, result: Any) -> tuple[str | None, str | None]:
+        self.claim.attempt = self.ctx.attempt
+        return self.plan.results.encode_result(result)
+
+    def completed(self, result: Any) -> Any:
+        self.claim.event("idempotency.completed")
+        return result
+
+    def lost(self, record: Record | None, result: Any) -> Any:
+        claim = self.claim
+        if (
+            record is not None
+            and record.state == COMPLETED
+            and record.fingerprint == claim.fingerprint
+        ):
+            return self._replay(record, None)
+        raise IdempotencyLeaseLost(
+            f"node {self.spec.name!r}: the lease on key {claim.key.short} was taken over before "
+            "this call finished; its result was not stored",
+            node=self.spec.name,
+            key_fingerprint=claim.key.short,
+        )
+
+    def failure(self, exc: BaseException) -> tuple[str, str | None]:
+        self.claim.attempt = self.ctx.attempt
+        plan = self.plan
+        if plan.cache_errors and isinstance(exc, plan.cache_errors):
+            return STORE, plan.results.encode_error(exc)
+        if _keeps_lease(exc):
+            return KEEP, None
+        return RELEASE, None
+
+    def failed(self, exc: BaseException, action: str) -> BaseException:
+        if action != KEEP or not isinstance(exc, Exception):
+            return exc
+        self.claim.event("idempotency.outcome_unknown", exc=exc)
+        return OutcomeUnknown(
+            f"node {self.spec.name!r}: the call failed with an ambiguous error "
+            f"({type(exc).__name__}); the effect may have happened, so key "
+            f"{self.claim.key.short} stays locked until its lease expires",
+            node=self.spec.name,
+            key_fingerprint=self.claim.key.short,
+        )
+
+    def unrecorded(self, exc: Exception) -> Exception:
+        claim = self.claim
+        claim.event("idempotency.outcome_unknown", exc=exc, op="complete")
+        return OutcomeUnknown(
+            f"node {self.spec.name!r}: the call ran, but the idempotency store failed "
+            f"({type(exc).__name__}) until its lease ran out, so its outcome is not recorded; key "
+            f"{claim.key.short} stays locked until the lease expires",
+            node=self.spec.name,
+            key_fingerprint=claim.key.short,
+        )
+
+    def _replay(self, record: Record, event: str | None) -> Any:
+        """The stored outcome, equal in value and type to the first result (or its error)."""
+        spec, ctx, plan, claim = self.spec, self.ctx, self.plan, self.claim
+        ctx.replayed = True
+        ctx.epoch = claim.epoch = record.epoch
+        value, error = replayed(plan, spec.name, claim.key, record.result, record.error)
+        claim.event(event or "idempotency.replayed")
+        emit(
+            "node.replayed",
+            spec.name,
+            ctx.run_id,
+            ctx.attempt,
+            key=claim.key.short,
+            error=error is not None,
+        )
+        if plan.on_replay is not None:
+            plan.on_replay(ctx)
+        if error is not None:
+            raise error
+        return value
+
+
+def refusal_error(reason: str, node: str, key: RecordKey) -> NodekitError:
+    """The error for a refused key (`MISMATCH`, `UNKNOWN` or `BUSY`); shared with `nodekit.sql`."""
+    _, error, what = _REFUSALS[reason]
+    return error(f"node {node!r}: key {key.short} {what}", node=node, key_fingerprint=key.short)
+
+
+def replayed(
+    plan: IdempotencyPlan, node: str, key: RecordKey, result: str | None, error: str | None
+) -> tuple[Any, BaseException | None]:
+    """Decode a completed record's result or error: (value, None) or (None, the error).
+
+    A record whose result could not be stored gives an error that says the effect ran (it
+    will not run again). Shared by keyed calls and `nodekit.sql`.
+    """
+    failure, unavailable = plan.results.decode_error(error) if error is not None else (None, None)
+    if failure is not None:
+        return None, failure
+    if unavailable is None:
+        if result is not None:
+            return plan.results.decode_result(result), None
+        unavailable = "no result stored"
+    return None, NodekitError(
+        f"node {node!r}: key {key.short} already ran, but its result could not be stored "
+        f"({unavailable}); the effect happened and will not run again",
+        node=node,
+        key_fingerprint=key.short,
+    )
+
+
+def _keeps_lease(exc: BaseException) -> bool:
+    """Ambiguous failures (and interruptions) keep the lease; safe and permanent release it.
+
+    A nested keyed node's `OutcomeUnknown` or `IdempotencyLeaseLost` means its effect may have
+    happened (or did, unrecorded): releasing the outer key would let a retry run it again.
+    """
+    if not isinstance(exc, Exception):
+        return True
+    if isinstance(exc, OutcomeUnknown | IdempotencyLeaseLost):
+        return True
+    return classify(exc) == AMBIGUOUS
+
+
+def on_abandoned_finish(
+    ctx: NodeContext, ok: bool, result: Any, error: BaseException | None
+) -> None:
+    """An abandoned sync attempt finished: it may complete only if it still holds the lease."""
+    holder = ctx.lease
+    if not isinstance(holder, KeyedCall) or not ok:
+        return
+    claim = holder.claim
+    text, err = holder.plan.results.encode_result(result)
+    try:
+        stored = claim.store.complete(claim.key, claim.token, result=text, error=err, ttl=claim.ttl)
+    except Exception:
+        return  # the lease expires; a takeover runs the call again (at least once)
+    if stored:
+        claim.event("idempotency.completed", late=True)
+        return
+    try:
+        record = claim.store.get(claim.key)
+    except Exception:
+        return
+    if record is None or record.owner_token != claim.token:  # not settled by this call
+        claim.lose()

@@ -1,0 +1,87 @@
+"""A claim: one caller's hold on one key — the store, the key, its own token and its lease.
+
+Shared by the claim protocol (`_claim.py`), which acquires and settles it, and the renewer
+(`_renewer.py`), which keeps it alive from its own thread; it sits below both.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .._events import emit
+from ._base import new_token
+from ._store import RecordKey
+
+__all__ = ["Claim"]
+
+
+class Claim:
+    """One caller's claim on one key: the store, the key, its own token and its lease.
+
+    `lease_end` is this process's conservative view of when the lease ends (monotonic
+    clock, measured from *before* the acquire or renewal that set it). `renewing`,
+    `settling` and `lost` are shared with the renewer thread.
+    """
+
+    __slots__ = (
+        "attempt",
+        "epoch",
+        "fingerprint",
+        "key",
+        "lease",
+        "lease_end",
+        "lost",
+        "node",
+        "renewing",
+        "run_id",
+        "settling",
+        "source",
+        "store",
+        "takeover",
+        "token",
+        "ttl",
+    )
+
+    def __init__(
+        self,
+        store: Any,
+        key: RecordKey,
+        fingerprint: str,
+        *,
+        lease: float,
+        ttl: float,
+        takeover: bool,
+        node: str | None,
+        run_id: str | None,
+        source: str | None = None,
+    ) -> None:
+        self.store = store
+        self.key = key
+        self.fingerprint = fingerprint
+        self.token = new_token()
+        self.lease = lease
+        self.ttl = ttl
+        self.takeover = takeover
+        self.node = node
+        self.run_id = run_id
+        self.source = source
+        self.attempt = 0
+        self.epoch: int | None = None
+        self.lease_end = 0.0
+        self.renewing = False
+        self.settling = False
+        self.lost = False
+
+    def event(self, name: str, *, exc: BaseException | None = None, **fields: Any) -> None:
+        """An event about this claim: the key's short fingerprint, never the key."""
+        if self.epoch is not None:
+            fields["epoch"] = self.epoch
+        if self.source is not None:
+            fields["source"] = self.source
+        emit(name, self.node, self.run_id, self.attempt, exc=exc, key=self.key.short, **fields)
+
+    def lose(self) -> None:
+        """The lease was taken over: say so once (the renewer may have said it already)."""
+        if not self.lost:
+            self.lost = True
+            self.event("idempotency.lease_lost")

@@ -1,0 +1,149 @@
+"""The process's one lease renewer: a daemon thread that keeps every held claim alive.
+
+Every holder of a claim — a keyed node call, sync or async, a durable flow's journal entry —
+registers it here while it runs (`hold`) and unregisters it when it settles (`drop`). The
+thread renews each lease every third of its length with the store's sync `renew`, so a slow
+holder never loses its key and a crashed one blocks it for at most one lease. One thread
+serves every thread and event loop of the process: a thread (or a task) per holder would cost
+more than the call.
+
+The same thread settles claims whose acquire went wrong (`reconcile`): when an acquire's
+reply was lost or its task was cancelled, the holder cannot know whether the store recorded
+the claim. It knows its own owner token, so the renewer releases the record if that token
+holds it — conditional like every release, so it can never free someone else's claim.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+
+from ._lease import Claim
+
+__all__ = ["RENEWER", "Renewer"]
+
+_RENEW, _RECONCILE = 0, 1
+# after a store fault, a renewal is tried again sooner than a third of the lease
+_FAULT_RETRY = 0.1
+# a release that found no claim is tried again at these delays: an acquire whose caller gave
+# up may still land (a store thread finishing it, a command already on the wire)
+_RECONCILE_POLLS = (0.02, 0.1, 0.5)
+
+
+class Renewer:
+    """Renews held leases and reconciles uncertain acquires, in one daemon thread."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, int, Claim, int]] = []
+        self._seq = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._waking_at = float("inf")
+        self._stale = 0  # dropped claims still in the heap (removed lazily)
+
+    def hold(self, claim: Claim) -> None:
+        """Renew `claim` every third of its lease until `drop`."""
+        claim.renewing = True
+        self._push(time.monotonic() + claim.lease / 3, claim, _RENEW, 0)
+
+    def drop(self, claim: Claim) -> None:
+        """Stop renewing `claim` (its entry leaves the heap when it comes due)."""
+        if claim.renewing:
+            claim.renewing = False
+            self._stale += 1
+
+    def reconcile(self, claim: Claim) -> None:
+        """Release `claim` in the background if its acquire landed (token-conditional)."""
+        self._push(time.monotonic(), claim, _RECONCILE, 0)
+
+    def reconciling(self) -> int:
+        """Reconciliations still waiting (tests wait for them to finish)."""
+        with self._cond:
+            return sum(1 for entry in self._heap if entry[2] == _RECONCILE)
+
+    def _push(self, due: float, claim: Claim, job: int, tries: int) -> None:
+        with self._cond:
+            heapq.heappush(self._heap, (due, next(self._seq), job, claim, tries))
+            if self._thread is None or not self._thread.is_alive():  # none yet, or forked
+                self._thread = threading.Thread(
+                    target=self._loop, name="nodekit-lease-renewer", daemon=True
+                )
+                self._thread.start()
+            elif due < self._waking_at:
+                self._cond.notify()
+
+    def _next(self) -> tuple[Claim, int, int]:
+        """Wait for the next due job (dropped renewals are discarded on the way)."""
+        with self._cond:
+            while True:
+                heap = self._heap
+                if self._stale > 64 and self._stale * 2 > len(heap):
+                    self._heap = heap = [e for e in heap if e[2] == _RECONCILE or e[3].renewing]
+                    heapq.heapify(heap)
+                    self._stale = 0
+                while heap and heap[0][2] == _RENEW and not heap[0][3].renewing:
+                    heapq.heappop(heap)
+                    self._stale = max(0, self._stale - 1)
+                if not heap:
+                    self._waking_at = float("inf")
+                    self._cond.wait()
+                    continue
+                due, _, job, claim, tries = heap[0]
+                delay = due - time.monotonic()
+                if delay > 0:
+                    self._waking_at = due
+                    self._cond.wait(delay)
+                    continue
+                heapq.heappop(heap)
+                self._waking_at = float("inf")
+                return claim, job, tries
+
+    def _loop(self) -> None:
+        while True:
+            claim, job, tries = self._next()
+            try:
+                if job == _RENEW:
+                    self._renew(claim)
+                else:
+                    self._reconcile(claim, tries)
+            except Exception:  # pragma: no cover - a sink or store bug must not stop renewals
+                continue
+
+    def _renew(self, claim: Claim) -> None:
+        started = time.monotonic()
+        try:
+            ok: bool | None = claim.store.renew(claim.key, claim.token, lease=claim.lease)
+        except Exception:
+            ok = None  # a passing store fault: try again soon
+        if not claim.renewing:
+            return  # the holder settled meanwhile: a refused renewal says nothing
+        if ok:
+            claim.lease_end = started + claim.lease
+            claim.event("idempotency.heartbeat", renewed=True)
+            self._push(started + claim.lease / 3, claim, _RENEW, 0)
+        elif ok is None:
+            self._push(time.monotonic() + min(_FAULT_RETRY, claim.lease / 3), claim, _RENEW, 0)
+        elif not claim.settling:  # refused while the holder is not completing: taken over
+            claim.renewing = False
+            claim.lose()
+
+    def _reconcile(self, claim: Claim, tries: int) -> None:
+        try:
+            released: bool | None = claim.store.release(claim.key, claim.token)
+        except Exception:
+            released = None
+        if released:
+            claim.event("idempotency.released", reconciled=True)
+            return
+        if released is None:  # the store is still unreachable: until the lease would end
+            wait = min(1.0, 0.05 * 2**tries)
+            if time.monotonic() + wait < claim.lease_end:
+                self._push(time.monotonic() + wait, claim, _RECONCILE, tries + 1)
+            return
+        if tries < len(_RECONCILE_POLLS):
+            self._push(time.monotonic() + _RECONCILE_POLLS[tries], claim, _RECONCILE, tries + 1)
+
+
+RENEWER = Renewer()
