@@ -40,16 +40,33 @@ def canonical(value: Any) -> Any:
     if isinstance(value, enum.Enum):
         cls = type(value)
         return {"$nk:enum": f"{cls.__module__}.{cls.__qualname__}", "v": canonical(value.value)}
+    # then one family after another, in this order (a value of two families takes the first)
+    if value is None or isinstance(value, bool | str | int | float):
+        return _scalar(value)
+    if isinstance(value, dict | list | tuple | set | frozenset):
+        return _collection(value)
+    if isinstance(value, _TAGGED):
+        return _tagged(value)
+    return _record(value)
+
+
+def _scalar(value: bool | str | int | float | None) -> Any:
+    """A JSON scalar (of any subclass) as its plain type; NaN and infinities are tagged."""
     if value is None or isinstance(value, bool):
         return value
     if isinstance(value, str):
         return str(value)
     if isinstance(value, int):
         return int(value)
-    if isinstance(value, float):
-        if value != value or value in (float("inf"), float("-inf")):
-            return {"$nk:float": repr(value)}
-        return float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        return {"$nk:float": repr(value)}
+    return float(value)
+
+
+def _collection(
+    value: dict[Any, Any] | list[Any] | tuple[Any, ...] | set[Any] | frozenset[Any],
+) -> Any:
+    """Dicts, sequences and sets; unordered contents are sorted by their canonical JSON."""
     if isinstance(value, dict):
         if all(isinstance(k, str) for k in value):
             return {k: canonical(v) for k, v in value.items()}
@@ -58,10 +75,26 @@ def canonical(value: Any) -> Any:
         return {"$nk:map": pairs}
     if isinstance(value, list | tuple):
         return [canonical(v) for v in value]
-    if isinstance(value, set | frozenset):
-        items = [canonical(v) for v in value]
-        items.sort(key=lambda item: json.dumps(item, sort_keys=True))
-        return {"$nk:set": items}
+    items = [canonical(v) for v in value]
+    items.sort(key=lambda item: json.dumps(item, sort_keys=True))
+    return {"$nk:set": items}
+
+
+_TAGGED = (
+    Decimal,
+    uuid.UUID,
+    dt.date,
+    dt.time,
+    dt.timedelta,
+    PurePath,
+    bytes,
+    bytearray,
+    memoryview,
+)
+
+
+def _tagged(value: Any) -> Any:
+    """Decimal, UUID, times, paths and bytes: an object whose one key names the type."""
     if isinstance(value, Decimal):
         return {"$nk:decimal": str(value)}
     if isinstance(value, uuid.UUID):
@@ -78,8 +111,11 @@ def canonical(value: Any) -> Any:
         return {f"$nk:{type(value).__name__}": text}
     if isinstance(value, PurePath):
         return {"$nk:path": value.as_posix()}
-    if isinstance(value, bytes | bytearray | memoryview):
-        return {"$nk:bytes": base64.b64encode(bytes(value)).decode("ascii")}
+    return {"$nk:bytes": base64.b64encode(bytes(value)).decode("ascii")}
+
+
+def _record(value: Any) -> Any:
+    """Dataclasses and pydantic models, tagged with their class; anything else is refused."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         kind = type(value)
         return {

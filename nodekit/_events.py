@@ -141,6 +141,12 @@ class Sink(Protocol):
 is_enabled_for = logger.isEnabledFor
 
 
+def wanted(name: str) -> bool:
+    """Whether an event of this name would reach anyone (a sink, or the log at its level):
+    callers that build costly fields ask first."""
+    return bool(RUNTIME.sinks) or is_enabled_for(_LEVELS.get(name, INFO))
+
+
 def observed() -> bool:
     """Whether anyone listens to per-call (DEBUG) events: the hot path's one question."""
     return bool(RUNTIME.sinks) or is_enabled_for(DEBUG)

@@ -19,11 +19,12 @@ from typing import Any, Generic, ParamSpec, Protocol, TypeVar, overload
 
 from ._context import NodeContext
 from ._errors import ConfigError
+from ._events import DEBUG, is_enabled_for
 from ._execution import call_async, call_sync, run_async, run_sync
 from ._map import MapResult, attach_map
 from ._policies import Effect, Retry, Seconds, Timeout
 from ._resources import Resource
-from ._runtime import CURRENT
+from ._runtime import CURRENT, RUNTIME
 from ._spec import NodeSpec
 from .idempotency._keyed import keyed_async, keyed_sync, on_abandoned_finish
 from .idempotency._policy import compile_idempotency
@@ -131,9 +132,10 @@ def _deadline(spec: NodeSpec, parent: NodeContext | None) -> float | None:
 
 def _sync_wrapper(spec: NodeSpec) -> Callable[..., Any]:
     get, set_, reset = CURRENT.get, CURRENT.set, CURRENT.reset
-    modules = sys.modules
-    # nothing to bind or inject, no key: straight to the attempt loop (unless structlog wants ids)
-    plain = spec.drive_sync is run_sync and not spec.resources
+    fn, modules, runtime = spec.fn, sys.modules, RUNTIME
+    # the loop's first attempt is made here when there is nothing to bind, inject or key
+    plain = spec.drive_sync is run_sync and not spec.resources and not spec.threaded
+    retries = spec.retry is not None
     total = spec.total_timeout
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -144,8 +146,14 @@ def _sync_wrapper(spec: NodeSpec) -> Callable[..., Any]:
             ctx = NodeContext(spec, parent, _deadline(spec, parent))
         token = set_(ctx)
         try:
-            call = run_sync if plain and "structlog" not in modules else call_sync
-            return call(spec, ctx, args, kwargs)
+            if not plain or runtime.sinks or "structlog" in modules or is_enabled_for(DEBUG):
+                return call_sync(spec, ctx, args, kwargs)
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:
+                if not retries:
+                    raise
+                return run_sync(spec, ctx, args, kwargs, exc)
         finally:
             reset(token)
 
@@ -154,20 +162,26 @@ def _sync_wrapper(spec: NodeSpec) -> Callable[..., Any]:
 
 def _async_wrapper(spec: NodeSpec) -> Callable[..., Coroutine[Any, Any, Any]]:
     get, set_, reset = CURRENT.get, CURRENT.set, CURRENT.reset
-    modules = sys.modules
-    plain = spec.drive_async is run_async and not spec.resources
+    fn, modules, runtime = spec.fn, sys.modules, RUNTIME
+    plain = spec.drive_async is run_async and not spec.resources and not spec.threaded
+    retries = spec.retry is not None
     total = spec.total_timeout
 
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
         parent = get()
-        if total is None:
-            ctx = NodeContext(spec, parent, None if parent is None else parent.deadline)
-        else:
-            ctx = NodeContext(spec, parent, _deadline(spec, parent))
+        ctx = NodeContext(
+            spec, parent, _deadline(spec, parent) if total else parent and parent.deadline
+        )
         token = set_(ctx)
         try:
-            call = run_async if plain and "structlog" not in modules else call_async
-            return await call(spec, ctx, args, kwargs)
+            if not plain or runtime.sinks or "structlog" in modules or is_enabled_for(DEBUG):
+                return await call_async(spec, ctx, args, kwargs)
+            try:
+                return await fn(*args, **kwargs)
+            except Exception as exc:
+                if not retries:
+                    raise
+                return await run_async(spec, ctx, args, kwargs, exc)
         finally:
             reset(token)
 

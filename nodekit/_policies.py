@@ -144,6 +144,7 @@ def _is_exception_type(value: object) -> bool:
 
 
 def compile_retry(retry: Retry | bool | None, *, node: str) -> RetryPlan | None:
+    """A `RetryPlan` (None: no retries); the first invalid option is a `ConfigError`."""
     if retry is None or retry is False:
         return None
     if retry is True:
@@ -154,30 +155,38 @@ def compile_retry(retry: Retry | bool | None, *, node: str) -> RetryPlan | None:
             node=node,
             option="retry",
         )
-    if (
-        not isinstance(retry.attempts, int)
-        or isinstance(retry.attempts, bool)
-        or retry.attempts < 1
-    ):
+    _check_attempts(retry.attempts, node=node)
+    initial, max_wait, jitter = _compile_backoff(retry, node=node)
+    predicate, tenacity_retry = _compile_on(retry.on, node=node)
+    _check_strategies(retry, node=node)
+    return RetryPlan(
+        attempts=retry.attempts,
+        initial=initial,
+        multiplier=float(retry.multiplier),
+        max_wait=max_wait,
+        jitter=jitter,
+        predicate=predicate,
+        explicit=retry.on is not None,
+        tenacity_retry=tenacity_retry,
+        wait=retry.wait,
+        stop=retry.stop,
+    )
+
+
+def _check_attempts(attempts: Any, *, node: str) -> None:
+    if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 1:
         raise ConfigError(
-            f"node {node!r}: retry.attempts must be an int >= 1, got {retry.attempts!r}",
+            f"node {node!r}: retry.attempts must be an int >= 1, got {attempts!r}",
             node=node,
             option="retry.attempts",
         )
+
+
+def _compile_backoff(retry: Retry, *, node: str) -> tuple[float, float, float]:
+    """``(initial, max_wait, jitter)`` in seconds, with `multiplier` checked alongside."""
     initial = seconds(retry.initial, node=node, option="retry.initial", allow_none=False)
     max_wait = seconds(retry.max_wait, node=node, option="retry.max_wait", allow_none=False)
-    if isinstance(retry.jitter, timedelta):
-        jitter = retry.jitter.total_seconds()
-    elif isinstance(retry.jitter, int | float) and not isinstance(retry.jitter, bool):
-        jitter = float(retry.jitter)
-    else:
-        jitter = -1.0
-    if not 0.0 <= jitter < float("inf"):
-        raise ConfigError(
-            f"node {node!r}: retry.jitter must be >= 0 seconds, got {retry.jitter!r}",
-            node=node,
-            option="retry.jitter",
-        )
+    jitter = _jitter(retry.jitter, node=node)
     if (
         not isinstance(retry.multiplier, int | float)
         or isinstance(retry.multiplier, bool)
@@ -196,7 +205,28 @@ def compile_retry(retry: Retry | bool | None, *, node: str) -> RetryPlan | None:
             node=node,
             option="retry.max_wait",
         )
-    predicate, tenacity_retry = _compile_on(retry.on, node=node)
+    return initial, max_wait, jitter
+
+
+def _jitter(value: Any, *, node: str) -> float:
+    """`retry.jitter` in seconds: zero is allowed (no jitter), unlike the other times."""
+    if isinstance(value, timedelta):
+        jitter = value.total_seconds()
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        jitter = float(value)
+    else:
+        jitter = -1.0
+    if not 0.0 <= jitter < float("inf"):
+        raise ConfigError(
+            f"node {node!r}: retry.jitter must be >= 0 seconds, got {value!r}",
+            node=node,
+            option="retry.jitter",
+        )
+    return jitter
+
+
+def _check_strategies(retry: Retry, *, node: str) -> None:
+    """`wait` and `stop` are tenacity strategies or None (they are called, not inspected)."""
     for option, strategy in (("retry.wait", retry.wait), ("retry.stop", retry.stop)):
         if strategy is not None and not callable(strategy):
             raise ConfigError(
@@ -205,18 +235,6 @@ def compile_retry(retry: Retry | bool | None, *, node: str) -> RetryPlan | None:
                 node=node,
                 option=option,
             )
-    return RetryPlan(
-        attempts=retry.attempts,
-        initial=initial,
-        multiplier=float(retry.multiplier),
-        max_wait=max_wait,
-        jitter=jitter,
-        predicate=predicate,
-        explicit=retry.on is not None,
-        tenacity_retry=tenacity_retry,
-        wait=retry.wait,
-        stop=retry.stop,
-    )
 
 
 def _compile_on(on: Any, *, node: str) -> tuple[Callable[[BaseException], bool] | None, Any]:

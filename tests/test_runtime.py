@@ -10,9 +10,9 @@ from collections.abc import Iterator
 import pytest
 
 import nodekit as nk
-from nodekit import _canonical, _events
+from nodekit import _events
 from nodekit._runtime import CURRENT, RUNTIME
-from nodekit.idempotency import _keys, default_store, set_default_store
+from nodekit.idempotency import default_store, set_default_store
 from nodekit.testing import capture_events, instant, reset_defaults
 
 
@@ -93,8 +93,3 @@ def test_the_log_filter_reads_the_running_node_from_the_runtime() -> None:
     assert record.attempt == 1
     assert isinstance(record.run_id, str)
     assert CURRENT.get() is None
-
-
-def test_canonical_json_keeps_its_old_import_path() -> None:
-    for name in ("canonical", "canonical_json", "derive_key", "digest", "dumps"):
-        assert getattr(_keys, name) is getattr(_canonical, name)

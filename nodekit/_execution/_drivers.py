@@ -1,8 +1,9 @@
 """The attempt loop, one sync and one async driver, and a node call in its context.
 
-`run_sync` / `run_async` are the whole retry loop; their first pass is the node's success
-path: while nobody listens to events, no retry state exists until an attempt fails, so a
-call that succeeds costs little more than the function itself. They only call, sleep, await
+`run_sync` / `run_async` are the whole retry loop. While nobody listens to events, no retry
+state exists until an attempt fails. The decorated function makes the loop's first attempt
+itself (one `try` around the call, `_node.py`) and hands a failure to the loop, which goes on
+from there: so a call that succeeds costs little more than the function itself. They only call, sleep, await
 and hop to a worker thread; every decision is `Attempts`'s. They read line for line alike.
 
 `call_sync` / `call_async` are one node call once its context is set — by the decorated
@@ -23,53 +24,74 @@ from .._spec import NodeSpec
 from ._attempts import Attempts
 from ._timed import attempt_in_thread, attempt_with_timeout
 
-__all__ = ["call_async", "call_sync", "run_async", "run_sync"]
+__all__ = ["call_async", "call_sync", "observed", "run_async", "run_sync"]
 
 
-def run_sync(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any) -> Any:
-    """Run a sync node's attempts until one succeeds or `Attempts` gives up."""
+def run_sync(
+    spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any, failed: Exception | None = None
+) -> Any:
+    """Run a sync node's attempts until one succeeds or `Attempts` gives up.
+
+    `failed` is the error of a first attempt the caller already made (the decorated
+    function's success path tries once before it comes here): the loop goes on from it.
+    """
     fn = spec.fn
-    attempts = Attempts(spec, ctx) if RUNTIME.sinks or is_enabled_for(DEBUG) else None
+    observed = failed is None and (RUNTIME.sinks or is_enabled_for(DEBUG))
+    attempts = Attempts(spec, ctx) if observed else None
     while True:
-        try:
-            result = (
-                attempt_in_thread(spec, ctx, args, kwargs) if spec.threaded else fn(*args, **kwargs)
-            )
-        except Exception as exc:
-            if attempts is None:
-                if spec.retry is None:
-                    raise
-                attempts = Attempts(spec, ctx, announce=False)
-            RUNTIME.sleep(attempts.failed(exc))
-            ctx.next_attempt()
-            continue
-        if attempts is not None:
-            attempts.succeeded()
-        return result
+        if failed is None:
+            try:
+                if spec.threaded:
+                    result = attempt_in_thread(spec, ctx, args, kwargs)
+                else:
+                    result = fn(*args, **kwargs)
+            except Exception as exc:
+                failed = exc
+            else:
+                if attempts is not None:
+                    attempts.succeeded()
+                return result
+        if attempts is None:
+            if spec.retry is None:
+                raise failed
+            attempts = Attempts(spec, ctx, announce=False)
+        RUNTIME.sleep(attempts.failed(failed))
+        failed = None
+        ctx.next_attempt()
 
 
-async def run_async(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any) -> Any:
+async def run_async(
+    spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any, failed: Exception | None = None
+) -> Any:
     """Await an async node's attempts until one succeeds or `Attempts` gives up."""
     fn = spec.fn
-    attempts = Attempts(spec, ctx) if RUNTIME.sinks or is_enabled_for(DEBUG) else None
+    observed = failed is None and (RUNTIME.sinks or is_enabled_for(DEBUG))
+    attempts = Attempts(spec, ctx) if observed else None
     while True:
-        try:
-            result = await (
-                attempt_with_timeout(spec, ctx, args, kwargs)
-                if spec.threaded
-                else fn(*args, **kwargs)
-            )
-        except Exception as exc:
-            if attempts is None:
-                if spec.retry is None:
-                    raise
-                attempts = Attempts(spec, ctx, announce=False)
-            await RUNTIME.asleep(attempts.failed(exc))
-            ctx.next_attempt()
-            continue
-        if attempts is not None:
-            attempts.succeeded()
-        return result
+        if failed is None:
+            try:
+                if spec.threaded:
+                    result = await attempt_with_timeout(spec, ctx, args, kwargs)
+                else:
+                    result = await fn(*args, **kwargs)
+            except Exception as exc:
+                failed = exc
+            else:
+                if attempts is not None:
+                    attempts.succeeded()
+                return result
+        if attempts is None:
+            if spec.retry is None:
+                raise failed
+            attempts = Attempts(spec, ctx, announce=False)
+        await RUNTIME.asleep(attempts.failed(failed))
+        failed = None
+        ctx.next_attempt()
+
+
+def observed() -> bool:
+    """Whether anyone listens to per-call events (sinks, or the DEBUG log)."""
+    return bool(RUNTIME.sinks) or is_enabled_for(DEBUG)
 
 
 def _bind_log(ctx: NodeContext) -> tuple[Any, ...] | None:

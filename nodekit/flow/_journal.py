@@ -1,8 +1,9 @@
 """Durable runs: the journal of a run, kept through the idempotency store protocol.
 
 Durable runs (``store=``) journal each node's update, as canonical JSON, through the
-idempotency store protocol, after the node succeeds and before any dependant starts (rule 31);
-running the same ``run_id`` again replays what was journaled and runs the rest (rule 32).
+idempotency store protocol, after the node succeeds and before any dependant starts: the
+journal is idempotency at node granularity. Running the same ``run_id`` again replays what was
+journaled and runs the rest, so which nodes run depends only on journaled values.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from .._node import call_in_context_async, call_in_context_sync, new_context
 from ..idempotency._claim import MISMATCH, REPLAY, Claim, Holder, drive_async, drive_sync
 from ..idempotency._open import open_store
 from ..idempotency._policy import NodekitWarning
-from ..idempotency._store import Acquisition, Record, RecordKey
+from ..idempotency._store import COMPLETED, Acquisition, Record, RecordKey
 from ._graph import FlowOptions, Step
 from ._run import REPLAYED, UPDATED, Run, replay_update
 from ._schema import Problem
@@ -356,6 +357,16 @@ class _NodeEntry(Holder):
         return UPDATED, (update, merged), time.perf_counter() - self.t0
 
     def lost(self, record: Record | None, result: Any) -> Any:
+        claim = self.claim
+        if (
+            record is not None
+            and record.state == COMPLETED
+            and record.owner_token == claim.token
+            and record.fingerprint == claim.fingerprint
+        ):
+            # our own completion landed but its reply was lost, so its retry was refused:
+            # the update is journaled
+            return self.completed(result)
         raise self.journal._lost(self.step)
 
     def store_error(self, op: str, exc: Exception) -> Exception:
@@ -387,7 +398,7 @@ def _journal_store_error(journal: Journal, step: Step | None, op: str, exc: Exce
 def _journaled_context(step: Step, record: Record) -> NodeContext:
     """A node's context with the journal entry as its default key.
 
-    ``nk.context().idempotency_key`` is the journal key's digest (rule 31), so
+    ``nk.context().idempotency_key`` is the journal entry's key digest, so
     ``idempotency_key_for(step)`` gives downstream keys that are stable across resumes.
     A node with its own `Idempotency` uses its own key instead.
     """

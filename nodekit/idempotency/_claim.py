@@ -27,14 +27,14 @@ Guarantees kept here:
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Generator
+from collections.abc import Coroutine, Generator
 from typing import Any
 
 from .._errors import NodekitError
 from .._runtime import RUNTIME
 from ._lease import Claim
 from ._renewer import RENEWER
-from ._store import COMPLETED, Acquisition, Record
+from ._store import COMPLETED, IN_PROGRESS, Acquisition, Record
 
 __all__ = [
     "BUSY",
@@ -130,7 +130,9 @@ class Holder:
 
 def _protocol(holder: Holder) -> Protocol:
     claim = holder.claim
-    got = yield from _acquire(holder)
+    got, refused = yield from _acquire(holder)
+    if got is None:
+        return refused
     claim.epoch = got.record.epoch
     holder.acquired(got)
     RENEWER.hold(claim)
@@ -158,8 +160,9 @@ def _protocol(holder: Holder) -> Protocol:
     return holder.lost(record, result)
 
 
-def _acquire(holder: Holder) -> Generator[Command, Any, Acquisition]:
-    """Acquire, waiting on a busy key while the holder wants to; a refusal ends the call."""
+def _acquire(holder: Holder) -> Generator[Command, Any, tuple[Acquisition | None, Any]]:
+    """Acquire, waiting on a busy key while the holder wants to: (the acquisition, None), or
+    (None, the call's value) when a refusal ends the call (a replay)."""
     claim = holder.claim
     pause = 0.005
     while True:
@@ -172,20 +175,16 @@ def _acquire(holder: Holder) -> Generator[Command, Any, Acquisition]:
                 raise holder.store_error("acquire", exc) from exc
             raise
         if got.acquired:
-            return got
+            return got, None
+        if got.record.owner_token == claim.token and got.record.state == IN_PROGRESS:
+            return Acquisition(True, got.record, now=got.now), None  # our own acquire, replayed
         reason = refusal(claim.fingerprint, got)
         left = 0.0 if holder.wait_until is None else holder.wait_until - time.monotonic()
         if reason != BUSY or left <= 0.0:
-            # the refusal is the call's outcome: a replay's value, or an error
-            raise _Refused(holder.refused(reason, got))
+            return None, holder.refused(reason, got)  # a replay's value, or it raises
         holder.waited = True
         yield _SLEEP, min(pause, left)
         pause = min(pause * 2, 0.5)
-
-
-class _Refused(Exception):
-    def __init__(self, value: Any) -> None:
-        self.value = value
 
 
 def _reconcile(claim: Claim, exc: BaseException) -> Generator[Command, Any, None]:
@@ -215,9 +214,14 @@ def _complete(holder: Holder, text: str | None, error: str | None) -> Generator[
         try:
             recorded: bool = yield _COMPLETE, (text, error)
             return recorded
-        except Exception as exc:
+        except BaseException as exc:
+            if not isinstance(exc, Exception):  # cancelled mid-write: the outcome is known
+                RENEWER.complete_later(claim, text, error)
+                raise
             now = time.monotonic()
-            left = claim.lease_end - max(now, first + waited)
+            # give up a quarter lease before it ends: the key is still held when the caller
+            # hears OutcomeUnknown, so an immediate retry is refused, not run again
+            left = claim.lease_end - claim.lease / 4 - max(now, first + waited)
             if claim.lost or left <= 0.0:
                 raise holder.unrecorded(exc) from exc
             claim.event("idempotency.store_error", exc=exc, op="complete", retrying=True)
@@ -254,8 +258,16 @@ def _request(
 ) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
     """The store operation a command names: (sync method name, args, kwargs)."""
     if command == _ACQUIRE:
-        kwargs = {"lease": claim.lease, "ttl": claim.ttl, "takeover": claim.takeover}
-        return "acquire", (claim.key, claim.fingerprint), {**kwargs, "token": claim.token}
+        return (
+            "acquire",
+            (claim.key, claim.fingerprint),
+            {
+                "lease": claim.lease,
+                "ttl": claim.ttl,
+                "takeover": claim.takeover,
+                "token": claim.token,
+            },
+        )
     if command == _COMPLETE:
         result, error = argument
         return (
@@ -268,34 +280,34 @@ def _request(
     return "get", (claim.key,), {}
 
 
-def _advance(protocol: Protocol, reply: Any, error: BaseException | None) -> Command:
-    """Send the last reply (or error) into the protocol; its next command."""
-    return protocol.send(reply) if error is None else protocol.throw(error)
+async def _drive(holder: Holder, blocking: bool) -> Any:
+    """Carry out the protocol's commands until it returns the call's value.
 
-
-async def _drive(holder: Holder, perform: Callable[[Holder, int, Any], Awaitable[Any]]) -> Any:
-    """Carry out the protocol's commands with `perform` until it returns the call's value.
-
-    Written once for both modes: `drive_sync` passes a `perform` that never suspends (it
-    blocks on the store), so the coroutine finishes on its first step without an event loop.
+    Written once for both modes: with `blocking`, every command is done in this thread and
+    nothing is awaited, so the coroutine finishes on its first step without an event loop
+    (`drive_sync`); otherwise store operations and the body are awaited on the running loop.
     """
-    protocol, reply, error = _protocol(holder), None, None
+    protocol = _protocol(holder)
+    send, throw = protocol.send, protocol.throw
+    reply: Any = None
+    error: BaseException | None = None
     while True:
         try:
-            command, argument = _advance(protocol, reply, error)
+            command, argument = send(reply) if error is None else throw(error)
         except StopIteration as stop:
             return stop.value
-        except _Refused as refused:
-            return refused.value
         reply, error = None, None
         try:
-            reply = await perform(holder, command, argument)
+            if blocking:
+                reply = _blocking(holder, command, argument)
+            else:
+                reply = await _awaited(holder, command, argument)
         except BaseException as exc:
             error = exc
 
 
-async def _blocking(holder: Holder, command: int, argument: Any) -> Any:
-    """One command, done in this thread (never suspends)."""
+def _blocking(holder: Holder, command: int, argument: Any) -> Any:
+    """One command, done in this thread."""
     if command == _BODY:
         return holder.body_sync()
     if command == _SLEEP:
@@ -319,7 +331,7 @@ async def _awaited(holder: Holder, command: int, argument: Any) -> Any:
 
 def drive_sync(holder: Holder) -> Any:
     """Carry out the protocol for `holder` in this thread."""
-    steps = _drive(holder, _blocking)
+    steps = _drive(holder, True)
     try:
         steps.send(None)
     except StopIteration as done:
@@ -330,4 +342,4 @@ def drive_sync(holder: Holder) -> Any:
 
 def drive_async(holder: Holder) -> Coroutine[Any, Any, Any]:
     """Carry out the protocol for `holder` on the running event loop (store I/O awaited)."""
-    return _drive(holder, _awaited)
+    return _drive(holder, False)

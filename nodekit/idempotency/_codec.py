@@ -1,10 +1,11 @@
-"""Stored results as JSON through the node's return type; never pickle (rule 28).
+"""Stored results as JSON through the node's return type; never pickle: a record is data.
 
 A result is encoded with a pydantic `TypeAdapter` of the return annotation, so a replay is
 equal in value *and type* to the first result (`None`, `0`, `False`, `""`, `[]`, models and
 dataclasses rebuilt). Without an annotation, a result is stored only if it survives the round
 trip unchanged in value and type; otherwise the record says "completed, result unavailable"
-(rule 19). Anything undecodable is an `IdempotencyCorruptRecord`, never "absent".
+(the effect ran and will not run again). Anything undecodable is an `IdempotencyCorruptRecord`,
+never "absent".
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from .._errors import (
     NodekitError,
     OutcomeUnknown,
 )
-from .._events import emit
+from .._events import emit, wanted
 from .._execution import run_async, run_sync
 from .._spec import NodeSpec
 from ._claim import KEEP, RELEASE, REPLAY, STORE, Claim, Holder, drive_async, drive_sync
@@ -103,8 +103,9 @@ class KeyedCall(Holder):
             ttl=plan.kept,
             takeover=plan.takeover,
             node=spec.name,
-            run_id=ctx.run_id,
+            run_id=None,
         )
+        self.claim.context = ctx
         self.claim.attempt = ctx.attempt
         if plan.policy.on_conflict == "wait":
             self.wait_until = time.monotonic() + plan.wait_timeout
@@ -205,14 +206,15 @@ class KeyedCall(Holder):
         ctx.epoch = claim.epoch = record.epoch
         value, error = replayed(plan, spec.name, claim.key, record.result, record.error)
         claim.event(event or "idempotency.replayed")
-        emit(
-            "node.replayed",
-            spec.name,
-            ctx.run_id,
-            ctx.attempt,
-            key=claim.key.short,
-            error=error is not None,
-        )
+        if wanted("node.replayed"):
+            emit(
+                "node.replayed",
+                spec.name,
+                ctx.run_id,
+                ctx.attempt,
+                key=claim.key.short,
+                error=error is not None,
+            )
         if plan.on_replay is not None:
             plan.on_replay(ctx)
         if error is not None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .._events import emit
+from .._events import emit, wanted
 from ._base import new_token
 from ._store import RecordKey
 
@@ -25,15 +25,17 @@ class Claim:
 
     __slots__ = (
         "attempt",
+        "context",
         "epoch",
         "fingerprint",
+        "given_run_id",
         "key",
         "lease",
         "lease_end",
         "lost",
         "node",
+        "outcome",
         "renewing",
-        "run_id",
         "settling",
         "source",
         "store",
@@ -63,7 +65,8 @@ class Claim:
         self.ttl = ttl
         self.takeover = takeover
         self.node = node
-        self.run_id = run_id
+        self.given_run_id = run_id
+        self.context: Any = None  # a node's context: its run id is computed only when needed
         self.source = source
         self.attempt = 0
         self.epoch: int | None = None
@@ -71,9 +74,17 @@ class Claim:
         self.renewing = False
         self.settling = False
         self.lost = False
+        self.outcome: tuple[str | None, str | None] = (None, None)  # for a late completion
+
+    @property
+    def run_id(self) -> str | None:
+        context = self.context
+        return context.run_id if context is not None else self.given_run_id
 
     def event(self, name: str, *, exc: BaseException | None = None, **fields: Any) -> None:
         """An event about this claim: the key's short fingerprint, never the key."""
+        if not wanted(name):
+            return
         if self.epoch is not None:
             fields["epoch"] = self.epoch
         if self.source is not None:

@@ -1,9 +1,11 @@
 """`Idempotency`, the policy a node declares, and its compiled form.
 
-Policy lives on the node, never on the store (rule 27). Compilation at decoration time checks
+Policy lives on the node, never on the store: a store is a plain implementation many nodes
+share. Compilation at decoration time checks
 every option, names the namespace (node name and version), works out which arguments the key
 function takes and which make up the payload fingerprint, derives the lease from the node's
-time budget (rule 11) and checks that the return type can be stored as JSON (rule 19).
+time budget (every in-progress record has a lease) and checks that the return type can be
+stored as JSON, so that an unstorable result is found before the first call.
 """
 
 from __future__ import annotations
@@ -412,7 +414,7 @@ def _check_store(store: Any, node: str, is_async: bool) -> None:
 
 
 def default_lease(spec: NodeSpec) -> float:
-    """The node's whole time budget plus a margin (rule 11); a heartbeat renews it anyway."""
+    """The node's whole time budget plus a margin; the renewer keeps it alive anyway."""
     if spec.total_timeout is not None:
         budget = spec.total_timeout
     elif spec.attempt_timeout is not None:

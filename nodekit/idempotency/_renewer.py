@@ -20,11 +20,12 @@ import itertools
 import threading
 import time
 
+from .._classify import PERMANENT, classify
 from ._lease import Claim
 
 __all__ = ["RENEWER", "Renewer"]
 
-_RENEW, _RECONCILE = 0, 1
+_RENEW, _RECONCILE, _COMPLETE = 0, 1, 2
 # after a store fault, a renewal is tried again sooner than a third of the lease
 _FAULT_RETRY = 0.1
 # a release that found no claim is tried again at these delays: an acquire whose caller gave
@@ -42,6 +43,7 @@ class Renewer:
         self._thread: threading.Thread | None = None
         self._waking_at = float("inf")
         self._stale = 0  # dropped claims still in the heap (removed lazily)
+        self._working = 0  # a settlement being carried out right now
 
     def hold(self, claim: Claim) -> None:
         """Renew `claim` every third of its lease until `drop`."""
@@ -58,10 +60,16 @@ class Renewer:
         """Release `claim` in the background if its acquire landed (token-conditional)."""
         self._push(time.monotonic(), claim, _RECONCILE, 0)
 
+    def complete_later(self, claim: Claim, result: str | None, error: str | None) -> None:
+        """Record a known outcome whose holder was interrupted while writing it (a cancelled
+        task): retried here until it lands or the lease is about to end."""
+        claim.outcome = (result, error)
+        self._push(time.monotonic(), claim, _COMPLETE, 0)
+
     def reconciling(self) -> int:
-        """Reconciliations still waiting (tests wait for them to finish)."""
+        """Background settlements (reconciliations, completions) queued or in flight."""
         with self._cond:
-            return sum(1 for entry in self._heap if entry[2] == _RECONCILE)
+            return self._working + sum(1 for entry in self._heap if entry[2] != _RENEW)
 
     def _push(self, due: float, claim: Claim, job: int, tries: int) -> None:
         with self._cond:
@@ -98,6 +106,7 @@ class Renewer:
                     continue
                 heapq.heappop(heap)
                 self._waking_at = float("inf")
+                self._working = int(job != _RENEW)
                 return claim, job, tries
 
     def _loop(self) -> None:
@@ -106,10 +115,15 @@ class Renewer:
             try:
                 if job == _RENEW:
                     self._renew(claim)
-                else:
+                elif job == _RECONCILE:
                     self._reconcile(claim, tries)
+                else:
+                    self._complete(claim, tries)
             except Exception:  # pragma: no cover - a sink or store bug must not stop renewals
-                continue
+                pass
+            finally:
+                with self._cond:
+                    self._working = 0
 
     def _renew(self, claim: Claim) -> None:
         started = time.monotonic()
@@ -129,10 +143,28 @@ class Renewer:
             claim.renewing = False
             claim.lose()
 
+    def _complete(self, claim: Claim, tries: int) -> None:
+        result, error = claim.outcome
+        try:
+            done = claim.store.complete(
+                claim.key, claim.token, result=result, error=error, ttl=claim.ttl
+            )
+        except Exception as exc:
+            wait = min(1.0, 0.05 * 2**tries)
+            if _transient(exc) and time.monotonic() + wait < claim.lease_end - claim.lease / 4:
+                self._push(time.monotonic() + wait, claim, _COMPLETE, tries + 1)
+            return
+        if done:
+            claim.event("idempotency.completed", late=True)
+        else:
+            claim.lose()
+
     def _reconcile(self, claim: Claim, tries: int) -> None:
         try:
             released: bool | None = claim.store.release(claim.key, claim.token)
-        except Exception:
+        except Exception as exc:
+            if not _transient(exc):
+                return  # a closed store, a bug: nothing to wait for
             released = None
         if released:
             claim.event("idempotency.released", reconciled=True)
@@ -144,6 +176,11 @@ class Renewer:
             return
         if tries < len(_RECONCILE_POLLS):
             self._push(time.monotonic() + _RECONCILE_POLLS[tries], claim, _RECONCILE, tries + 1)
+
+
+def _transient(exc: Exception) -> bool:
+    """A store fault worth waiting out (not a closed store or a bug)."""
+    return classify(exc) != PERMANENT
 
 
 RENEWER = Renewer()

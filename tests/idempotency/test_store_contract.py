@@ -56,9 +56,10 @@ class Ops:
         lease: float = 10.0,
         ttl: float = 100.0,
         takeover: bool = True,
+        token: str | None = None,
     ) -> Acquisition:
         got: Acquisition = await self._call(
-            "acquire", key, fingerprint, lease=lease, ttl=ttl, takeover=takeover
+            "acquire", key, fingerprint, lease=lease, ttl=ttl, takeover=takeover, token=token
         )
         return got
 
@@ -94,6 +95,20 @@ def ops(request: pytest.FixtureRequest, abackend: Backend, fake_clock: FakeClock
 
 
 # ---------------------------------------------------------------------------- acquire
+
+
+async def test_an_acquire_records_the_token_its_caller_chose(ops: Ops) -> None:
+    """A caller that chose its token can release its claim even if the acquire's reply was
+    lost: the record carries exactly that token, and a release with it frees the key."""
+    key = new_key()
+    got = await ops.acquire(key, "fp-a", lease=10, ttl=100, token="c" * 32)
+    assert got.acquired
+    assert got.record.owner_token == "c" * 32
+    stored = await ops.get(key)
+    assert stored is not None
+    assert stored.owner_token == "c" * 32
+    assert await ops.release(key, "c" * 32)
+    assert await ops.get(key) is None
 
 
 async def test_acquiring_an_absent_key_grants_epoch_1_and_a_fresh_token(
