@@ -90,6 +90,12 @@ class Timeout:
 # ---------------------------------------------------------------------------- compilation
 
 
+# The longest duration any option takes: below `threading.TIMEOUT_MAX` (a sync attempt's
+# wait), `time.sleep`'s limit and every store's expiry range (Redis keeps milliseconds in a
+# signed 64-bit integer), so a bad value fails at decoration, never after an effect began.
+MAX_SECONDS = 1e9
+
+
 def seconds(
     value: Seconds | None, *, node: str, option: str, allow_none: bool = True
 ) -> float | None:
@@ -111,6 +117,14 @@ def seconds(
     if not result > 0 or result != result or result == float("inf"):
         raise ConfigError(
             f"node {node!r}: {option} must be a positive, finite time, got {value!r}",
+            node=node,
+            option=option,
+        )
+    if result > MAX_SECONDS:
+        raise ConfigError(
+            f"node {node!r}: {option} is {result:.4g} s, longer than nodekit can wait or a "
+            f"store can keep (at most {MAX_SECONDS:.0f} s, about 31 years); use None for "
+            "no limit where the option allows it",
             node=node,
             option=option,
         )

@@ -348,3 +348,24 @@ def test_retry_after_reads_the_attribute_then_the_response_header() -> None:
         retry_after = 4
 
     assert retry_after(Slow()) == 4.0
+
+
+@pytest.mark.parametrize(
+    ("options", "option"),
+    [
+        ({"timeout": nk.Timeout(attempt=1e10)}, "timeout.attempt"),
+        ({"timeout": nk.Timeout(total=1e10)}, "timeout.total"),
+        ({"retry": nk.Retry(max_wait=1e12)}, "retry.max_wait"),
+        ({"idempotency": nk.Idempotency(ttl=1e16)}, "idempotency.ttl"),
+        ({"idempotency": nk.Idempotency(lease=1e16)}, "idempotency.lease"),
+    ],
+)
+def test_a_duration_no_platform_or_store_can_hold_fails_at_decoration(
+    options: dict[str, Any], option: str
+) -> None:
+    """`Timeout(attempt=1e10)` used to pass decoration and overflow after the effect began;
+    a TTL of 1e16 s made a Redis key expire at once: both are `ConfigError`s up front."""
+    with pytest.raises(nk.ConfigError, match="longer than nodekit can wait") as caught:
+        nk.node(name="charge", **options)(lambda order: order)
+    assert caught.value.option == option
+    assert caught.value.node == "charge"
