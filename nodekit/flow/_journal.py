@@ -22,12 +22,13 @@ from .._errors import (
     IdempotencyInProgress,
     IdempotencyLeaseLost,
     IdempotencyStoreError,
+    OutcomeUnknown,
 )
 from .._node import call_in_context_async, call_in_context_sync, new_context
 from ..idempotency._claim import MISMATCH, REPLAY, Claim, Holder, drive_async, drive_sync
 from ..idempotency._open import open_store
 from ..idempotency._policy import NodekitWarning
-from ..idempotency._store import COMPLETED, Acquisition, Record, RecordKey
+from ..idempotency._store import Acquisition, Record, RecordKey
 from ._graph import FlowOptions, Step
 from ._run import REPLAYED, UPDATED, Run, replay_update
 from ._schema import Problem
@@ -357,16 +358,6 @@ class _NodeEntry(Holder):
         return UPDATED, (update, merged), time.perf_counter() - self.t0
 
     def lost(self, record: Record | None, result: Any) -> Any:
-        claim = self.claim
-        if (
-            record is not None
-            and record.state == COMPLETED
-            and record.owner_token == claim.token
-            and record.fingerprint == claim.fingerprint
-        ):
-            # our own completion landed but its reply was lost, so its retry was refused:
-            # the update is journaled
-            return self.completed(result)
         raise self.journal._lost(self.step)
 
     def store_error(self, op: str, exc: Exception) -> Exception:
@@ -377,16 +368,19 @@ class _NodeEntry(Holder):
 
 
 def _journal_store_error(journal: Journal, step: Step | None, op: str, exc: Exception) -> Exception:
-    """The journal's store failed at `op`: before the node ran (acquire), or after (complete:
-    its update is not journaled, its entry stays in progress until the lease ends)."""
+    """The journal's store failed at `op`: before anything ran (acquire, or the run's header),
+    or after a node ran (complete: its update is not journaled, its entry stays in progress
+    until the lease ends, like any outcome that could not be recorded)."""
     where = "the run's header" if step is None else f"the journal entry of node {step.name!r}"
+    ran = op != "acquire" and step is not None
     after = (
-        "the node did not run"
-        if op == "acquire"
-        else "the node ran, but its update is not journaled; a resume after the lease runs it "
+        "the node ran, but its update is not journaled; a resume after the lease runs it "
         "again under the same keys"
+        if ran
+        else ("the node did not run" if step is not None else "no node ran")
     )
-    cause = IdempotencyStoreError(
+    kind = OutcomeUnknown if ran else IdempotencyStoreError
+    cause = kind(
         f"flow {journal.flow.name!r}: the store failed at {op} of {where} "
         f"({type(exc).__name__}: {exc}); {after}",
         node=None if step is None else step.name,

@@ -152,11 +152,13 @@ def _protocol(holder: Holder) -> Protocol:
         RENEWER.drop(claim)
     if recorded:
         return holder.completed(result)
-    claim.lose()
     try:
         record = yield _GET, None
     except Exception as exc:
         raise holder.unrecorded(exc) from exc
+    if record is not None and record.owner_token == claim.token and record.state == COMPLETED:
+        return holder.completed(result)  # our completion landed; only its reply was lost
+    claim.lose()
     return holder.lost(record, result)
 
 

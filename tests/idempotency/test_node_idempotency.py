@@ -870,7 +870,7 @@ def test_a_waiter_re_raises_the_holders_cached_error(store: Any) -> None:
 def test_heartbeat_keeps_a_long_calls_lease_sync(store: Any) -> None:
     calls: list[str] = []
 
-    @nk.node(name="charge", idempotency=keyed(store, lease=0.3))
+    @nk.node(name="charge", idempotency=keyed(store, lease=0.5))
     def charge(order: str) -> str:
         calls.append(order)
         time.sleep(1.0)
@@ -888,7 +888,7 @@ def test_heartbeat_keeps_a_long_calls_lease_sync(store: Any) -> None:
 async def test_heartbeat_keeps_a_long_calls_lease_async(astore: Any) -> None:
     calls: list[str] = []
 
-    @nk.node(name="charge", idempotency=keyed(astore, lease=0.3))
+    @nk.node(name="charge", idempotency=keyed(astore, lease=0.5))
     async def charge(order: str) -> str:
         calls.append(order)
         await asyncio.sleep(1.0)
