@@ -20,7 +20,7 @@ from typing import Any, Generic, ParamSpec, Protocol, TypeVar, overload
 from ._context import NodeContext
 from ._errors import ConfigError
 from ._events import DEBUG, is_enabled_for
-from ._execution import call_async, call_sync, run_async, run_sync
+from ._execution import bind_log, call_async, call_sync, run_async, run_sync, unbind_log
 from ._map import MapResult, attach_map
 from ._policies import Effect, Retry, Seconds, Timeout
 from ._resources import Resource
@@ -146,14 +146,18 @@ def _sync_wrapper(spec: NodeSpec) -> Callable[..., Any]:
             ctx = NodeContext(spec, parent, _deadline(spec, parent))
         token = set_(ctx)
         try:
-            if not plain or runtime.sinks or "structlog" in modules or is_enabled_for(DEBUG):
+            if not plain or runtime.sinks or is_enabled_for(DEBUG):
                 return call_sync(spec, ctx, args, kwargs)
+            bound = bind_log(ctx) if "structlog" in modules else None
             try:
                 return fn(*args, **kwargs)
             except Exception as exc:
                 if not retries:
                     raise
                 return run_sync(spec, ctx, args, kwargs, exc)
+            finally:
+                if bound is not None:
+                    unbind_log(bound)
         finally:
             reset(token)
 
@@ -174,14 +178,18 @@ def _async_wrapper(spec: NodeSpec) -> Callable[..., Coroutine[Any, Any, Any]]:
         )
         token = set_(ctx)
         try:
-            if not plain or runtime.sinks or "structlog" in modules or is_enabled_for(DEBUG):
+            if not plain or runtime.sinks or is_enabled_for(DEBUG):
                 return await call_async(spec, ctx, args, kwargs)
+            bound = bind_log(ctx) if "structlog" in modules else None
             try:
                 return await fn(*args, **kwargs)
             except Exception as exc:
                 if not retries:
                     raise
                 return await run_async(spec, ctx, args, kwargs, exc)
+            finally:
+                if bound is not None:
+                    unbind_log(bound)
         finally:
             reset(token)
 

@@ -6,6 +6,14 @@ one attempt loop per mode, and `call_sync` / `call_async`, one node call in its 
 """
 
 from ._attempts import Attempts
-from ._drivers import call_async, call_sync, run_async, run_sync
+from ._drivers import bind_log, call_async, call_sync, run_async, run_sync, unbind_log
 
-__all__ = ["Attempts", "call_async", "call_sync", "run_async", "run_sync"]
+__all__ = [
+    "Attempts",
+    "bind_log",
+    "call_async",
+    "call_sync",
+    "run_async",
+    "run_sync",
+    "unbind_log",
+]

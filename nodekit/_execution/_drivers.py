@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from .._context import NodeContext
+from .._context import NodeContext, bind_run_id
 from .._events import DEBUG, is_enabled_for
 from .._resources import ainject, inject
 from .._runtime import LOG_ATTEMPT, LOG_NODE, LOG_RUN, RUNTIME
@@ -24,7 +24,15 @@ from .._spec import NodeSpec
 from ._attempts import Attempts
 from ._timed import attempt_in_thread, attempt_with_timeout
 
-__all__ = ["call_async", "call_sync", "observed", "run_async", "run_sync"]
+__all__ = [
+    "bind_log",
+    "call_async",
+    "call_sync",
+    "observed",
+    "run_async",
+    "run_sync",
+    "unbind_log",
+]
 
 
 def run_sync(
@@ -94,14 +102,14 @@ def observed() -> bool:
     return bool(RUNTIME.sinks) or is_enabled_for(DEBUG)
 
 
-def _bind_log(ctx: NodeContext) -> tuple[Any, ...] | None:
+def bind_log(ctx: NodeContext) -> tuple[Any, ...] | None:
     """Bind node, run id and attempt for structlog's `merge_contextvars` (when loaded)."""
     if "structlog" not in sys.modules:
         return None
-    return LOG_NODE.set(ctx.node), LOG_RUN.set(ctx.run_id), LOG_ATTEMPT.set(ctx.attempt)
+    return LOG_NODE.set(ctx.node), LOG_RUN.set(bind_run_id(ctx)), LOG_ATTEMPT.set(ctx.attempt)
 
 
-def _unbind_log(tokens: tuple[Any, ...] | None) -> None:
+def unbind_log(tokens: tuple[Any, ...] | None) -> None:
     if tokens is not None:
         LOG_ATTEMPT.reset(tokens[2])
         LOG_RUN.reset(tokens[1])
@@ -110,23 +118,23 @@ def _unbind_log(tokens: tuple[Any, ...] | None) -> None:
 
 def call_sync(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any) -> Any:
     """One sync node call in its context (set by the caller): log ids, resources, driver."""
-    tokens = _bind_log(ctx)
+    tokens = bind_log(ctx)
     try:
         if spec.resources:
             kwargs = dict(kwargs)
             inject(spec.name, spec.resources, kwargs)
         return spec.drive_sync(spec, ctx, args, kwargs)
     finally:
-        _unbind_log(tokens)
+        unbind_log(tokens)
 
 
 async def call_async(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any) -> Any:
     """The async twin of `call_sync` (async resources are opened on the loop)."""
-    tokens = _bind_log(ctx)
+    tokens = bind_log(ctx)
     try:
         if spec.resources:
             kwargs = dict(kwargs)
             await ainject(spec.name, spec.resources, kwargs)
         return await spec.drive_async(spec, ctx, args, kwargs)
     finally:
-        _unbind_log(tokens)
+        unbind_log(tokens)

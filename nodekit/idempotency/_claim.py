@@ -27,7 +27,7 @@ Guarantees kept here:
 from __future__ import annotations
 
 import time
-from collections.abc import Coroutine, Generator
+from collections.abc import Awaitable, Coroutine, Generator
 from typing import Any
 
 from .._errors import NodekitError
@@ -93,7 +93,8 @@ class Holder:
     def body_sync(self) -> Any:
         raise NotImplementedError
 
-    async def body_async(self) -> Any:
+    def body_async(self) -> Awaitable[Any]:
+        """The body as an awaitable (a coroutine), awaited by the async driver."""
         raise NotImplementedError
 
     def encode(self, result: Any) -> tuple[str | None, str | None]:
@@ -130,11 +131,35 @@ class Holder:
 
 def _protocol(holder: Holder) -> Protocol:
     claim = holder.claim
-    got, refused = yield from _acquire(holder)
-    if got is None:
-        return refused
+    pause = 0.005
+    while True:  # acquire, waiting on a busy key while the holder wants to
+        claim.lease_end = time.monotonic() + claim.lease
+        try:
+            got: Acquisition = yield _ACQUIRE, None
+        except BaseException as exc:
+            yield from _reconcile(claim, exc)
+            if isinstance(exc, Exception) and not isinstance(exc, NodekitError):
+                raise holder.store_error("acquire", exc) from exc
+            raise
+        if got.acquired:
+            break
+        if got.record.owner_token == claim.token and got.record.state == IN_PROGRESS:
+            break  # our own acquire, answered twice (a client that sent it again)
+        reason = refusal(claim.fingerprint, got)
+        left = 0.0 if holder.wait_until is None else holder.wait_until - time.monotonic()
+        if reason != BUSY or left <= 0.0:
+            return holder.refused(reason, got)  # a replay's value, or it raises
+        holder.waited = True
+        yield _SLEEP, min(pause, left)
+        pause = min(pause * 2, 0.5)
     claim.epoch = got.record.epoch
     holder.acquired(got)
+    return (yield from _hold(holder))
+
+
+def _hold(holder: Holder) -> Protocol:
+    """Run the body holding the key (renewed meanwhile), then settle: complete or release."""
+    claim = holder.claim
     RENEWER.hold(claim)
     try:
         result = yield _BODY, None
@@ -160,33 +185,6 @@ def _protocol(holder: Holder) -> Protocol:
         return holder.completed(result)  # our completion landed; only its reply was lost
     claim.lose()
     return holder.lost(record, result)
-
-
-def _acquire(holder: Holder) -> Generator[Command, Any, tuple[Acquisition | None, Any]]:
-    """Acquire, waiting on a busy key while the holder wants to: (the acquisition, None), or
-    (None, the call's value) when a refusal ends the call (a replay)."""
-    claim = holder.claim
-    pause = 0.005
-    while True:
-        claim.lease_end = time.monotonic() + claim.lease
-        try:
-            got: Acquisition = yield _ACQUIRE, None
-        except BaseException as exc:
-            yield from _reconcile(claim, exc)
-            if isinstance(exc, Exception) and not isinstance(exc, NodekitError):
-                raise holder.store_error("acquire", exc) from exc
-            raise
-        if got.acquired:
-            return got, None
-        if got.record.owner_token == claim.token and got.record.state == IN_PROGRESS:
-            return Acquisition(True, got.record, now=got.now), None  # our own acquire, replayed
-        reason = refusal(claim.fingerprint, got)
-        left = 0.0 if holder.wait_until is None else holder.wait_until - time.monotonic()
-        if reason != BUSY or left <= 0.0:
-            return None, holder.refused(reason, got)  # a replay's value, or it raises
-        holder.waited = True
-        yield _SLEEP, min(pause, left)
-        pause = min(pause * 2, 0.5)
 
 
 def _reconcile(claim: Claim, exc: BaseException) -> Generator[Command, Any, None]:
@@ -303,7 +301,7 @@ async def _drive(holder: Holder, blocking: bool) -> Any:
             if blocking:
                 reply = _blocking(holder, command, argument)
             else:
-                reply = await _awaited(holder, command, argument)
+                reply = await _awaitable(holder, command, argument)
         except BaseException as exc:
             error = exc
 
@@ -318,17 +316,14 @@ def _blocking(holder: Holder, command: int, argument: Any) -> Any:
     return getattr(holder.claim.store, name)(*args, **kwargs)
 
 
-async def _awaited(holder: Holder, command: int, argument: Any) -> Any:
-    """One command, awaited on the running loop (the store's async twin: "a" + name)."""
+def _awaitable(holder: Holder, command: int, argument: Any) -> Awaitable[Any]:
+    """One command as an awaitable for the running loop (the store's async twin: "a" + name)."""
     if command == _SLEEP:
-        await RUNTIME.asleep(argument)
-        return None
+        return RUNTIME.asleep(argument)
     if command == _BODY:
-        work = holder.body_async()
-    else:
-        name, args, kwargs = _request(holder.claim, command, argument)
-        work = getattr(holder.claim.store, "a" + name)(*args, **kwargs)
-    return await work
+        return holder.body_async()
+    name, args, kwargs = _request(holder.claim, command, argument)
+    return getattr(holder.claim.store, "a" + name)(*args, **kwargs)  # type: ignore[no-any-return]
 
 
 def drive_sync(holder: Holder) -> Any:

@@ -11,6 +11,7 @@ one releases it, an ambiguous one keeps the lease (the effect may have happened)
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 from .._classify import AMBIGUOUS, classify
@@ -139,8 +140,8 @@ class KeyedCall(Holder):
     def body_sync(self) -> Any:
         return run_sync(self.spec, self.ctx, self.args, self.kwargs)
 
-    async def body_async(self) -> Any:
-        return await run_async(self.spec, self.ctx, self.args, self.kwargs)
+    def body_async(self) -> Awaitable[Any]:
+        return run_async(self.spec, self.ctx, self.args, self.kwargs)
 
     # ------------------------------------------------------------------ outcomes
 

@@ -23,26 +23,17 @@ class Claim:
     `settling` and `lost` are shared with the renewer thread.
     """
 
-    __slots__ = (
-        "attempt",
-        "context",
-        "epoch",
-        "fingerprint",
-        "given_run_id",
-        "key",
-        "lease",
-        "lease_end",
-        "lost",
-        "node",
-        "outcome",
-        "renewing",
-        "settling",
-        "source",
-        "store",
-        "takeover",
-        "token",
-        "ttl",
-    )
+    # Defaults for what most claims never change (a class attribute until set on the
+    # instance): a keyed call creates one claim per call, replays included.
+    context: Any = None  # a node's context: its run id is computed only when needed
+    source: str | None = None
+    attempt = 0
+    epoch: int | None = None
+    lease_end = 0.0
+    renewing = False
+    settling = False
+    lost = False
+    outcome: tuple[str | None, str | None] = (None, None)  # for a late completion
 
     def __init__(
         self,
@@ -66,15 +57,8 @@ class Claim:
         self.takeover = takeover
         self.node = node
         self.given_run_id = run_id
-        self.context: Any = None  # a node's context: its run id is computed only when needed
-        self.source = source
-        self.attempt = 0
-        self.epoch: int | None = None
-        self.lease_end = 0.0
-        self.renewing = False
-        self.settling = False
-        self.lost = False
-        self.outcome: tuple[str | None, str | None] = (None, None)  # for a late completion
+        if source is not None:
+            self.source = source
 
     @property
     def run_id(self) -> str | None:
