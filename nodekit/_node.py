@@ -132,7 +132,7 @@ def _deadline(spec: NodeSpec, parent: NodeContext | None) -> float | None:
 
 def _sync_wrapper(spec: NodeSpec) -> Callable[..., Any]:
     get, set_, reset = CURRENT.get, CURRENT.set, CURRENT.reset
-    fn, modules, runtime = spec.fn, sys.modules, RUNTIME
+    fn, name, modules, runtime = spec.fn, spec.name, sys.modules, RUNTIME
     # the loop's first attempt is made here when there is nothing to bind, inject or key
     plain = spec.drive_sync is run_sync and not spec.resources and not spec.threaded
     retries = spec.retry is not None
@@ -148,7 +148,7 @@ def _sync_wrapper(spec: NodeSpec) -> Callable[..., Any]:
         try:
             if not plain or runtime.sinks or is_enabled_for(DEBUG):
                 return call_sync(spec, ctx, args, kwargs)
-            bound = bind_log(ctx) if "structlog" in modules else None
+            bound = bind_log(ctx, name) if "structlog" in modules else None
             try:
                 return fn(*args, **kwargs)
             except Exception as exc:
@@ -166,7 +166,7 @@ def _sync_wrapper(spec: NodeSpec) -> Callable[..., Any]:
 
 def _async_wrapper(spec: NodeSpec) -> Callable[..., Coroutine[Any, Any, Any]]:
     get, set_, reset = CURRENT.get, CURRENT.set, CURRENT.reset
-    fn, modules, runtime = spec.fn, sys.modules, RUNTIME
+    fn, name, modules, runtime = spec.fn, spec.name, sys.modules, RUNTIME
     plain = spec.drive_async is run_async and not spec.resources and not spec.threaded
     retries = spec.retry is not None
     total = spec.total_timeout
@@ -180,7 +180,7 @@ def _async_wrapper(spec: NodeSpec) -> Callable[..., Coroutine[Any, Any, Any]]:
         try:
             if not plain or runtime.sinks or is_enabled_for(DEBUG):
                 return await call_async(spec, ctx, args, kwargs)
-            bound = bind_log(ctx) if "structlog" in modules else None
+            bound = bind_log(ctx, name) if "structlog" in modules else None
             try:
                 return await fn(*args, **kwargs)
             except Exception as exc:

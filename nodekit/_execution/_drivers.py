@@ -102,11 +102,10 @@ def observed() -> bool:
     return bool(RUNTIME.sinks) or is_enabled_for(DEBUG)
 
 
-def bind_log(ctx: NodeContext) -> tuple[Any, ...] | None:
-    """Bind node, run id and attempt for structlog's `merge_contextvars` (when loaded)."""
-    if "structlog" not in sys.modules:
-        return None
-    return LOG_NODE.set(ctx.node), LOG_RUN.set(bind_run_id(ctx)), LOG_ATTEMPT.set(ctx.attempt)
+def bind_log(ctx: NodeContext, node: str) -> tuple[Any, ...]:
+    """Bind node, run id and attempt for structlog's `merge_contextvars` (callers bind only
+    once structlog is loaded: ``"structlog" in sys.modules``)."""
+    return LOG_NODE.set(node), LOG_RUN.set(bind_run_id(ctx)), LOG_ATTEMPT.set(ctx.attempt)
 
 
 def unbind_log(tokens: tuple[Any, ...] | None) -> None:
@@ -118,7 +117,7 @@ def unbind_log(tokens: tuple[Any, ...] | None) -> None:
 
 def call_sync(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any) -> Any:
     """One sync node call in its context (set by the caller): log ids, resources, driver."""
-    tokens = bind_log(ctx)
+    tokens = bind_log(ctx, spec.name) if "structlog" in sys.modules else None
     try:
         if spec.resources:
             kwargs = dict(kwargs)
@@ -130,7 +129,7 @@ def call_sync(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any) -> Any:
 
 async def call_async(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any) -> Any:
     """The async twin of `call_sync` (async resources are opened on the loop)."""
-    tokens = bind_log(ctx)
+    tokens = bind_log(ctx, spec.name) if "structlog" in sys.modules else None
     try:
         if spec.resources:
             kwargs = dict(kwargs)

@@ -48,7 +48,6 @@ __all__ = [
     "Holder",
     "drive_async",
     "drive_sync",
-    "refusal",
 ]
 
 # why an acquire was refused
@@ -60,19 +59,6 @@ KEEP, RELEASE, STORE = "keep", "release", "store"
 _ACQUIRE, _COMPLETE, _RELEASE, _GET, _SLEEP, _BODY = range(6)
 Command = tuple[int, Any]
 Protocol = Generator[Command, Any, Any]
-
-
-def refusal(fingerprint: str, got: Acquisition) -> str:
-    """Why an acquire that did not acquire cannot proceed: `MISMATCH`, `REPLAY`, `UNKNOWN`
-    (the previous holder vanished and takeover is not allowed: at most once) or `BUSY`."""
-    record = got.record
-    if record.fingerprint != fingerprint:
-        return MISMATCH
-    if record.state == COMPLETED:
-        return REPLAY
-    if record.lease_expires_at <= got.now:
-        return UNKNOWN
-    return BUSY
 
 
 class Holder:
@@ -145,7 +131,13 @@ def _protocol(holder: Holder) -> Protocol:
             break
         if got.record.owner_token == claim.token and got.record.state == IN_PROGRESS:
             break  # our own acquire, answered twice (a client that sent it again)
-        reason = refusal(claim.fingerprint, got)
+        record = got.record
+        if record.fingerprint != claim.fingerprint:
+            reason = MISMATCH
+        elif record.state == COMPLETED:
+            reason = REPLAY
+        else:
+            reason = UNKNOWN if record.lease_expires_at <= got.now else BUSY
         left = 0.0 if holder.wait_until is None else holder.wait_until - time.monotonic()
         if reason != BUSY or left <= 0.0:
             return holder.refused(reason, got)  # a replay's value, or it raises

@@ -206,8 +206,8 @@ class KeyedCall(Holder):
         ctx.replayed = True
         ctx.epoch = claim.epoch = record.epoch
         value, error = replayed(plan, spec.name, claim.key, record.result, record.error)
-        claim.event(event or "idempotency.replayed")
-        if wanted("node.replayed"):
+        if wanted("node.replayed"):  # the replay events share its level (INFO)
+            claim.event(event or "idempotency.replayed")
             emit(
                 "node.replayed",
                 spec.name,
