@@ -16,34 +16,28 @@ its own, and a sync run always runs in the same thread of its own.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
-import hashlib
 import os
-import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import pytest
+from idempotency._outage_target import Target  # the tests/ folder is on sys.path
 
 import nodekit as nk
 from nodekit._canonical import canonical_json, digest
-from nodekit.idempotency import COMPLETED, IN_PROGRESS, Record, RecordKey
-from nodekit.idempotency._renewer import RENEWER
-from nodekit.testing import FaultProxy, capture_events
+from nodekit.idempotency import COMPLETED, IN_PROGRESS, RecordKey
+from nodekit.testing import capture_events
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
 LEASE = 3.0  # the journal lease: `nk.Flow(lease=...)` (a node's Idempotency lease is not used)
 FLOW = "shop"
 NODES = ("reserve", "charge", "receipt")
-REDIS_OPTIONS = "socket_timeout=0.25&socket_connect_timeout=0.25"
-PG_OPTIONS = "connect_timeout=1&sslmode=disable"
 KINDS = ["redis", "postgres"]
 T = TypeVar("T")
 FLAVORS = ["sync", "async"]
@@ -59,16 +53,6 @@ def _append_line(path: Path, text: str) -> None:
         os.write(fd, (text + "\n").encode("utf-8"))
     finally:
         os.close(fd)
-
-
-def _through(url: str, address: str, query: str) -> str:
-    """`url` with its host and port replaced by `address`, and `query` added to its query."""
-    parts = urlsplit(url)
-    user = parts.netloc.rpartition("@")[0]
-    netloc = f"{user}@{address}" if user else address
-    return parts._replace(
-        netloc=netloc, query="&".join(filter(None, (parts.query, query)))
-    ).geturl()
 
 
 def entry_key(node: str, run_id: str) -> RecordKey:
@@ -89,110 +73,6 @@ def chain(exc: BaseException) -> list[BaseException]:
         found.append(current)
         current = current.__cause__
     return found
-
-
-class Target:
-    """One server behind a fault proxy: stores that go through it, reads that don't."""
-
-    def __init__(self, kind: str, url: str, location: str) -> None:
-        self.kind = kind
-        self.url = url  # straight to the server
-        self.location = location  # this test's Redis key prefix or PostgreSQL schema
-        parts = urlsplit(url)
-        self.proxy = FaultProxy(parts.hostname or "127.0.0.1", parts.port or 0).start()
-        self.stores: list[Any] = []
-        self._direct: Any = None
-
-    def store(self) -> Any:
-        """A new store on this test's records, reaching the server through the proxy."""
-        address = self.proxy.address
-        if self.kind == "redis":
-            store: Any = nk.RedisStore(
-                _through(self.url, address, REDIS_OPTIONS), prefix=self.location
-            )
-        else:
-            store = nk.PostgresStore(_through(self.url, address, PG_OPTIONS), schema=self.location)
-        self.stores.append(store)
-        return store
-
-    def direct(self) -> Any:
-        """A store straight to the server (no proxy): what the server really holds."""
-        if self._direct is None:
-            if self.kind == "redis":
-                self._direct = nk.RedisStore(self.url, prefix=self.location)
-            else:
-                self._direct = nk.PostgresStore(self.url, schema=self.location)
-        return self._direct
-
-    def record(self, key: RecordKey) -> Record | None:
-        """The record as the server holds it."""
-        return self.direct().get(key)  # type: ignore[no-any-return]
-
-    def server_now(self) -> float:
-        """The server's clock (the stores' time), in seconds since the epoch."""
-        if self.kind == "redis":
-            seconds, micros = self.direct()._scripts().client.time()
-            return float(seconds) + float(micros) / 1_000_000
-        row = self.direct()._conn().execute("SELECT extract(epoch from clock_timestamp())")
-        return float(row.fetchone()[0])
-
-    @property
-    def acquire_pattern(self) -> bytes:
-        """Bytes only an acquire carries: its script's digest, its statement's CTE."""
-        if self.kind == "redis":
-            from nodekit.idempotency import redis as redis_store
-
-            return hashlib.sha1(redis_store._ACQUIRE.encode("utf-8")).hexdigest().encode()
-        return b"prev AS MATERIALIZED"
-
-    @property
-    def complete_pattern(self) -> bytes:
-        """Bytes only a completion carries."""
-        if self.kind == "redis":
-            from nodekit.idempotency import redis as redis_store
-
-            return hashlib.sha1(redis_store._COMPLETE.encode("utf-8")).hexdigest().encode()
-        return b"SET state ="
-
-    def client_errors(self) -> tuple[type[BaseException], ...]:
-        """The client library's errors: what a store fault surfaces as."""
-        if self.kind == "redis":
-            import redis
-
-            return (redis.RedisError,)
-        import psycopg
-
-        return (psycopg.Error,)
-
-    def lose_next_reply(self, pattern: bytes) -> None:
-        """The next command holding `pattern` runs on the server, but its reply is lost.
-
-        PostgreSQL (no read timeout): every connection is then reset as soon as the proxy has
-        discarded the reply, so the client sees its connection die mid-response.
-        """
-        proxy = self.proxy
-        before = proxy.stats.dropped_down
-        proxy.on_next(pattern, "drop_replies", count=1)
-        if self.kind == "redis":
-            return
-
-        def cut_once_lost() -> None:
-            deadline = time.monotonic() + 5.0
-            while proxy.stats.dropped_down == before and time.monotonic() < deadline:
-                time.sleep(0.001)
-            proxy.cut()
-
-        threading.Thread(target=cut_once_lost, daemon=True).start()
-
-    async def aclose(self) -> None:
-        deadline = time.monotonic() + 3.0  # a reconciliation must not outlive its store
-        while RENEWER.reconciling() and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        self.proxy.heal()
-        for store in [*self.stores, *([self._direct] if self._direct is not None else [])]:
-            with contextlib.suppress(Exception):
-                await store.aclose()
-        self.proxy.close()
 
 
 @pytest.fixture(params=KINDS)
@@ -416,7 +296,9 @@ async def test_a_journal_acquire_whose_reply_is_lost_runs_nothing_and_frees_the_
     """The server ran the middle node's journal acquire but its reply was lost: the run fails
     before the node ran, and a resume right away (no lease wait) runs it once."""
     # armed by the first node, as its last act: the next acquire on the wire is the middle's
-    shop.faults["reserve"] = functools.partial(target.lose_next_reply, target.acquire_pattern)
+    shop.faults["reserve"] = functools.partial(
+        target.lose_next_reply, target.acquire_pattern, cut=target.kind == "postgres"
+    )
     store = target.store()
     key = entry_key("charge", "r3")
     with pytest.raises(nk.FlowError) as raised:
@@ -446,7 +328,9 @@ async def test_a_journal_completion_whose_reply_is_lost_counts_as_journaled(
     """The server ran the middle node's journal completion but its reply was lost: the
     refused retry finds its own completed entry, so the run finishes, each node ran once."""
     # armed by the middle node as its last act: the next completion on the wire is its own
-    shop.faults["charge"] = functools.partial(target.lose_next_reply, target.complete_pattern)
+    shop.faults["charge"] = functools.partial(
+        target.lose_next_reply, target.complete_pattern, cut=target.kind == "postgres"
+    )
     store = target.store()
     key = entry_key("charge", "r4")
     with capture_events(prefix="idempotency.") as events:
