@@ -17,7 +17,7 @@ import sys
 from typing import Any
 
 from .._context import NodeContext, bind_run_id
-from .._events import DEBUG, is_enabled_for
+from .._events import observed
 from .._resources import ainject, inject
 from .._runtime import LOG_ATTEMPT, LOG_NODE, LOG_RUN, RUNTIME
 from .._spec import NodeSpec
@@ -28,7 +28,6 @@ __all__ = [
     "bind_log",
     "call_async",
     "call_sync",
-    "observed",
     "run_async",
     "run_sync",
     "unbind_log",
@@ -44,8 +43,7 @@ def run_sync(
     function's success path tries once before it comes here): the loop goes on from it.
     """
     fn = spec.fn
-    observed = failed is None and (RUNTIME.sinks or is_enabled_for(DEBUG))
-    attempts = Attempts(spec, ctx) if observed else None
+    attempts = Attempts(spec, ctx) if failed is None and observed() else None
     while True:
         if failed is None:
             try:
@@ -73,8 +71,7 @@ async def run_async(
 ) -> Any:
     """Await an async node's attempts until one succeeds or `Attempts` gives up."""
     fn = spec.fn
-    observed = failed is None and (RUNTIME.sinks or is_enabled_for(DEBUG))
-    attempts = Attempts(spec, ctx) if observed else None
+    attempts = Attempts(spec, ctx) if failed is None and observed() else None
     while True:
         if failed is None:
             try:
@@ -95,11 +92,6 @@ async def run_async(
         await RUNTIME.asleep(attempts.failed(failed))
         failed = None
         ctx.next_attempt()
-
-
-def observed() -> bool:
-    """Whether anyone listens to per-call events (sinks, or the DEBUG log)."""
-    return bool(RUNTIME.sinks) or is_enabled_for(DEBUG)
 
 
 def bind_log(ctx: NodeContext, node: str) -> tuple[Any, ...]:

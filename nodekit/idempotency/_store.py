@@ -7,6 +7,8 @@ nodes share. Every transition is conditional and atomic on the store:
 - `acquire` inserts a fresh in-progress record if the key is absent, expired, or in progress
   with an expired lease *and the same fingerprint* (and `takeover` is allowed); it returns the
   new record with a fresh owner token and a higher epoch, or the existing record untouched.
+  A caller may choose the token (``token=``): when the acquire's reply is lost or its task
+  cancelled, it can still release its own claim, since it knows which token to name.
 - `complete`, `release` and `renew` succeed only while ``(key, token, IN_PROGRESS)`` holds:
   a holder whose lease was taken over can never overwrite or delete the record (fencing).
 
