@@ -35,3 +35,5 @@ def test_readme_examples_run_in_order(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "sunny in Lisbon; stay at Lisbon Grand" in out
     assert "sunny in Porto; stay at Porto Grand" in out
     assert "refused: the same key with another payload" in out
+    assert "{'pong': True}" in out
+    assert "refused: " in out.split("{'pong': True}")[1]
