@@ -7,9 +7,11 @@ idempotency keys and structured events, chosen by what the function does to the 
 
 from typing import TYPE_CHECKING
 
-from ._classify import classify
+from ._classify import classify, register_classifier
 from ._context import NodeContext, context
 from ._errors import (
+    BulkheadFull,
+    CircuitOpen,
     ConfigError,
     FlowError,
     IdempotencyCorruptRecord,
@@ -20,6 +22,7 @@ from ._errors import (
     NodekitError,
     NodeTimeout,
     OutcomeUnknown,
+    RateLimited,
     UnsafeRetry,
 )
 from ._events import (
@@ -35,6 +38,7 @@ from ._events import (
 from ._map import MapResult
 from ._node import Node, node
 from ._policies import Effect, Retry, Timeout
+from ._redact import add_redactor
 from ._resources import managed, override, resource, use
 from .flow import Flow
 from .idempotency import (
@@ -46,6 +50,7 @@ from .idempotency import (
     resolve,
     set_default_store,
 )
+from .resilience import Bulkhead, CircuitBreaker, RateLimit
 
 if TYPE_CHECKING:  # imported lazily at run time (see __getattr__), typed here
     from .idempotency.postgres import PostgresStore
@@ -55,6 +60,10 @@ if TYPE_CHECKING:  # imported lazily at run time (see __getattr__), typed here
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "Bulkhead",
+    "BulkheadFull",
+    "CircuitBreaker",
+    "CircuitOpen",
     "ConfigError",
     "ContextFilter",
     "Effect",
@@ -78,12 +87,15 @@ __all__ = [
     "NodekitWarning",
     "OutcomeUnknown",
     "PostgresStore",
+    "RateLimit",
+    "RateLimited",
     "RedisStore",
     "Retry",
     "SQLiteStore",
     "Sink",
     "Timeout",
     "UnsafeRetry",
+    "add_redactor",
     "add_sink",
     "aresolve",
     "classify",
@@ -93,6 +105,7 @@ __all__ = [
     "node",
     "open_store",
     "override",
+    "register_classifier",
     "remove_sink",
     "resolve",
     "resource",

@@ -1,164 +1,200 @@
 """The one place where errors are classified: safe, ambiguous or permanent; and Retry-After.
 
 *Safe* means the effect certainly did not happen, *ambiguous* that it may have; both are
-transient. The classifier never imports an optional library: it recognises httpx, psycopg,
-redis and sqlite3 errors by the module and name of the classes in the exception's MRO.
+transient. The order: the user's classifiers (`register_classifier`, newest first), a kind the
+error declares (``nodekit_kind``), nodekit's own errors, then the rules for the libraries users
+call (`_classifiers`: httpx, requests, urllib3, aiohttp, urllib, http.client, sockets and TLS,
+psycopg, asyncpg, sqlite3, SQLAlchemy, redis-py), recognised by name: nodekit imports none of
+them. Anything else is permanent. Only the failure path classifies.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Literal, TypeAlias
+from typing import TypeAlias
 
-from ._errors import IdempotencyInProgress, IdempotencyStoreError, NodeTimeout
+from ._classifiers import AMBIGUOUS, PERMANENT, SAFE, Kind, library_kind
+from ._errors import (
+    BulkheadFull,
+    CircuitOpen,
+    IdempotencyInProgress,
+    IdempotencyStoreError,
+    NodeTimeout,
+    RateLimited,
+)
+from ._runtime import RUNTIME
 
 __all__ = [
     "AMBIGUOUS",
     "PERMANENT",
     "SAFE",
+    "Classifier",
     "Kind",
     "classify",
     "classify_name",
     "parse_retry_after",
+    "register_classifier",
     "retry_after",
 ]
 
-Kind: TypeAlias = Literal["safe", "ambiguous", "permanent"]
-SAFE: Kind = "safe"
-AMBIGUOUS: Kind = "ambiguous"
-PERMANENT: Kind = "permanent"
+#: ``classifier(exc)`` returns ``"safe"``, ``"ambiguous"``, ``"permanent"``, or None (no opinion)
+Classifier: TypeAlias = Callable[[BaseException], "Kind | None"]
 
-_SAFE_STATUS = frozenset({408, 425, 429, 503})
-_AMBIGUOUS_STATUS = frozenset({500, 502, 504})
-
-# (top-level module, class name) -> kind, matched along the exception's MRO.
-_BY_NAME: dict[tuple[str, str], Kind] = {
-    # httpx: nothing was sent, or the pool never gave a connection
-    ("httpx", "ConnectError"): SAFE,
-    ("httpx", "ConnectTimeout"): SAFE,
-    ("httpx", "PoolTimeout"): SAFE,
-    # httpx: the request may have reached the server
-    ("httpx", "ReadTimeout"): AMBIGUOUS,
-    ("httpx", "WriteTimeout"): AMBIGUOUS,
-    ("httpx", "ReadError"): AMBIGUOUS,
-    ("httpx", "WriteError"): AMBIGUOUS,
-    ("httpx", "RemoteProtocolError"): AMBIGUOUS,
-    ("httpx", "CloseError"): AMBIGUOUS,
-    ("httpx", "TransportError"): AMBIGUOUS,
-    # httpx: the request was refused before it was sent, and would be refused again
-    ("httpx", "UnsupportedProtocol"): PERMANENT,
-    ("httpx", "LocalProtocolError"): PERMANENT,
-    ("httpx", "ProxyError"): SAFE,
-    # redis-py
-    ("redis", "BusyLoadingError"): SAFE,
-    ("redis", "TryAgainError"): SAFE,
-    ("redis", "ClusterDownError"): SAFE,
-    ("redis", "TimeoutError"): AMBIGUOUS,
-    ("redis", "ConnectionError"): AMBIGUOUS,
-    # psycopg: a connection lost mid-transaction may or may not have committed
-    ("psycopg", "OperationalError"): AMBIGUOUS,
-    ("psycopg_pool", "PoolTimeout"): SAFE,
-}
-
-# SQLSTATEs after which the transaction was rolled back: safe to run again.
-_SAFE_SQLSTATES = frozenset({"40001", "40P01", "55P03", "57014"})
-_SQLITE_TRANSIENT = ("database is locked", "database table is locked", "database is busy")
+_KINDS = (SAFE, AMBIGUOUS, PERMANENT)
+# wrappers (requests -> urllib3 -> socket, SQLAlchemy -> driver) nest a few levels at most
+_MAX_DEPTH = 6
+_log = logging.getLogger("nodekit")
 
 
 def classify(exc: BaseException) -> Kind:
     """Classify an exception: ``"safe"`` or ``"ambiguous"`` (both transient) or ``"permanent"``.
 
-    *Safe* means the effect certainly did not happen (connect refused, 429, 503, a rolled-back
-    transaction); *ambiguous* means it may have (read timeout, connection dropped after
-    sending, 500, 502, 504, an abandoned sync attempt).
+    *Safe* means the effect certainly did not happen (connection refused, DNS failure, connect
+    timeout, 408, 425, 429, 503, a transaction the database rolled back: serialization failure,
+    deadlock, lock timeout); *ambiguous* means it may have (read timeout, connection dropped
+    after sending, 500, 502, 504, a connection lost mid-statement or at commit, an abandoned
+    sync attempt); anything else is *permanent* (other 4xx, constraints, syntax, a refused
+    certificate or password). nodekit's own refusals (`CircuitOpen`, `RateLimited`,
+    `BulkheadFull`, a busy key, a failing store) are safe: the function did not run.
+    Classifiers given to `register_classifier` are asked first.
     """
+    return _classify(exc, 0)
+
+
+def _classify(exc: BaseException, depth: int) -> Kind:
+    for classifier in RUNTIME.classifiers:
+        kind = _ask(classifier, exc)
+        if kind is not None:
+            return kind
     declared = getattr(exc, "nodekit_kind", None)
-    if declared in (SAFE, AMBIGUOUS, PERMANENT):
+    if declared in _KINDS:
         return declared  # type: ignore[no-any-return]
     if isinstance(exc, NodeTimeout):
         return AMBIGUOUS
-    if isinstance(exc, IdempotencyInProgress | IdempotencyStoreError):
+    # refused before anything ran: a busy key, a failing store, a breaker, limit or bulkhead
+    if isinstance(
+        exc,
+        IdempotencyInProgress | IdempotencyStoreError | CircuitOpen | RateLimited | BulkheadFull,
+    ):
         return SAFE
-    status = _status_code(exc)
-    if status is not None:
-        if status in _SAFE_STATUS:
-            return SAFE
-        if status in _AMBIGUOUS_STATUS:
-            return AMBIGUOUS
+    if depth >= _MAX_DEPTH:
         return PERMANENT
-    sqlstate = getattr(exc, "sqlstate", None)
-    if isinstance(sqlstate, str) and sqlstate in _SAFE_SQLSTATES:
-        return SAFE
-    for cls in type(exc).__mro__:
-        kind = _BY_NAME.get((cls.__module__.partition(".")[0], cls.__name__))
-        if kind is not None:
-            if kind == AMBIGUOUS and _refused(exc):
-                return SAFE
-            return kind
-    if isinstance(exc, ConnectionRefusedError):
-        return SAFE
-    if isinstance(exc, ConnectionError | TimeoutError):
-        return AMBIGUOUS
-    if type(exc).__name__ == "OperationalError" and type(exc).__module__ == "sqlite3":
-        message = str(exc).lower()
-        if any(text in message for text in _SQLITE_TRANSIENT):
-            return SAFE
-    return PERMANENT
+    kind = library_kind(exc, lambda inner: _classify(inner, depth + 1))
+    return PERMANENT if kind is None else kind
 
 
-def _refused(exc: BaseException) -> bool:
-    """True when a wrapped error was caused by a refused connection (nothing was sent)."""
-    seen = 0
-    cause: BaseException | None = exc.__cause__ or exc.__context__
-    while cause is not None and seen < 5:
-        if isinstance(cause, ConnectionRefusedError):
-            return True
-        if classify_name(cause) in {("httpx", "ConnectError"), ("httpcore", "ConnectError")}:
-            return True
-        cause = cause.__cause__ or cause.__context__
-        seen += 1
-    return "connection refused" in str(exc).lower() or "error 111" in str(exc).lower()
+def _ask(classifier: Classifier, exc: BaseException) -> Kind | None:
+    """A user's classifier's answer; one that raises or answers nonsense is skipped, with a
+    warning on the ``"nodekit"`` logger that names it (never the error's text)."""
+    try:
+        kind = classifier(exc)
+    except Exception as error:
+        _log.warning(
+            "nodekit: classifier %r raised %s classifying a %s; skipped",
+            classifier,
+            type(error).__name__,
+            type(exc).__name__,
+        )
+        return None
+    if kind is None or kind in _KINDS:
+        return kind
+    _log.warning(
+        "nodekit: classifier %r returned %r for a %s (expected 'safe', 'ambiguous', "
+        "'permanent' or None); skipped",
+        classifier,
+        type(kind).__name__ if not isinstance(kind, str) else kind,
+        type(exc).__name__,
+    )
+    return None
+
+
+def register_classifier(classifier: Classifier) -> Callable[[], None]:
+    """Teach nodekit the errors of your own libraries; returns a function that removes it.
+
+    ``classifier(exc)`` returns ``"safe"`` (the effect certainly did not happen: retried by
+    every node), ``"ambiguous"`` (it may have happened: retried by READ and NONE nodes, and by
+    a keyed WRITE only when its attempt carried the key downstream), ``"permanent"`` (never
+    retried), or None to leave the error to the next classifier and then to nodekit's rules.
+    Classifiers are asked before anything else, the most recently registered first, for every
+    error a node raises (and for the errors a wrapper such as SQLAlchemy's ``DBAPIError``
+    wraps); they run only on the failure path, and must be fast and must not raise (one that
+    raises or returns anything else is skipped, with a warning). To honour a server's
+    requested wait, give the error a ``retry_after`` attribute (seconds), or a ``response``
+    or ``headers`` with a ``Retry-After`` header. Process-wide; `RUNTIME.reset()`
+    (``nodekit.testing.reset_defaults()``) removes every classifier::
+
+        def classify_payments(exc):
+            if isinstance(exc, payments.RateLimited):
+                return "safe"
+            return None
+
+        nk.register_classifier(classify_payments)
+    """
+    if not callable(classifier):
+        raise TypeError(f"register_classifier() takes a callable, not {classifier!r}")
+    with RUNTIME.lock:
+        RUNTIME.classifiers = (classifier, *RUNTIME.classifiers)
+
+    def remove() -> None:
+        with RUNTIME.lock:
+            items = list(RUNTIME.classifiers)
+            for index, item in enumerate(items):
+                if item is classifier:
+                    del items[index]
+                    break
+            RUNTIME.classifiers = tuple(items)
+
+    return remove
 
 
 def classify_name(exc: BaseException) -> tuple[str, str]:
+    """The (top-level module, class name) the library rules know an error by."""
     cls = type(exc)
     return cls.__module__.partition(".")[0], cls.__name__
-
-
-def _status_code(exc: BaseException) -> int | None:
-    status = getattr(exc, "status_code", None)
-    if isinstance(status, int):
-        return status
-    response = getattr(exc, "response", None)
-    status = getattr(response, "status_code", None)
-    return status if isinstance(status, int) else None
 
 
 def retry_after(exc: BaseException, *, now: float | None = None) -> float | None:
     """Seconds the error asks the caller to wait (``Retry-After``), or None.
 
     Looks for a ``retry_after`` attribute (seconds) first, then a ``Retry-After`` header on the
-    error's ``response``; accepts delta-seconds and HTTP dates; negative values become 0.
+    error's ``response`` (httpx, requests) or on the error itself (aiohttp's
+    ``ClientResponseError``, ``urllib.error.HTTPError``); accepts delta-seconds and HTTP dates;
+    negative values become 0.
     """
     value = getattr(exc, "retry_after", None)
     if value is None:
         response = getattr(exc, "response", None)
-        headers = getattr(response, "headers", None)
-        if headers is None:
-            return None
-        try:
-            value = headers.get("retry-after")
-        except Exception:
-            return None
+        value = _header(getattr(response, "headers", None) if response is not None else None)
+        if value is None:
+            value = _header(getattr(exc, "headers", None))
         if value is None:
             return None
     return parse_retry_after(value, now=now)
 
 
+def _header(headers: object) -> object:
+    """The ``Retry-After`` value of a headers mapping (any case), or None."""
+    get = getattr(headers, "get", None)
+    if get is None:
+        return None
+    try:
+        value = get("retry-after")
+        if value is None:
+            value = get("Retry-After")
+    except Exception:
+        return None
+    return value
+
+
 def parse_retry_after(value: object, *, now: float | None = None) -> float | None:
+    """Seconds from a ``Retry-After`` value: delta-seconds or an HTTP date; never negative."""
     if isinstance(value, int | float) and not isinstance(value, bool):
         return max(0.0, float(value))
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
     if not isinstance(value, str):
         return None
     text = value.strip()

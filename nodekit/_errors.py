@@ -7,9 +7,12 @@ fingerprint) so that a handler can act on them without parsing messages.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 __all__ = [
+    "BulkheadFull",
+    "CircuitOpen",
     "ConfigError",
     "FlowError",
     "IdempotencyCorruptRecord",
@@ -19,7 +22,9 @@ __all__ = [
     "IdempotencyStoreError",
     "NodeTimeout",
     "NodekitError",
+    "NodekitWarning",
     "OutcomeUnknown",
+    "RateLimited",
     "UnsafeRetry",
 ]
 
@@ -54,6 +59,9 @@ class NodeTimeout(NodekitError, TimeoutError):
 
     timeout: float | None = None
     abandoned: bool = False
+    # for an abandoned attempt: registers a callback run once its worker thread finishes
+    # (a bulkhead gives its slot back then, not at the timeout)
+    when_finished: Callable[[Callable[[], None]], None] | None = None
 
 
 class UnsafeRetry(NodekitError):
@@ -91,9 +99,60 @@ class IdempotencyStoreError(NodekitError):
 
 
 class IdempotencyCorruptRecord(NodekitError):
-    """A stored record cannot be decoded; the node does not run and the record is kept."""
+    """A stored record cannot be decoded; the node does not run and the record is kept.
+
+    Permanent: never retried, never replayed, never overwritten. `.store` names the store,
+    `.key_fingerprint` the key (12 hex digits) and `.field` the field that failed; `.fields`
+    holds the record's stored fields as text (result and error payloads left out), so that
+    `nodekit store show` can display it.
+    """
 
     key_fingerprint: str | None = None
+    store: str | None = None
+    field: str | None = None
+    fields: dict[str, str] | None = None
+
+
+class NodekitWarning(UserWarning):
+    """A configuration that works but is likely to hurt later (e.g. a store that keeps nothing
+    on disk)."""
+
+
+class CircuitOpen(NodekitError):
+    """A circuit breaker refused the call; the function did not run, so it is *safe*.
+
+    `.circuit` names the breaker and `.state` says why (``"open"``, ``"half_open"`` with every
+    probe taken, or ``"isolated"``). `.retry_after` is the seconds until the breaker lets a
+    probe through (`Retry` honours it like a ``Retry-After``), or None when that is unknown
+    (isolated, or waiting on a probe in flight).
+    """
+
+    circuit: str | None = None
+    state: str | None = None
+    retry_after: float | None = None
+
+
+class RateLimited(NodekitError):
+    """A rate limit would make the call wait past its deadline; the function did not run.
+
+    *Safe*. `.limit` names the `RateLimit`; `.retry_after` is the wait the call would have
+    needed, in seconds.
+    """
+
+    limit: str | None = None
+    retry_after: float | None = None
+
+
+class BulkheadFull(NodekitError):
+    """A bulkhead had no free slot (and no queue place, or none freed before the deadline);
+    the function did not run, so it is *safe*.
+
+    `.bulkhead` names it; `.limit` and `.queue` are its sizes.
+    """
+
+    bulkhead: str | None = None
+    limit: int = 0
+    queue: int = 0
 
 
 class FlowError(NodekitError):

@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ._redact import error_text
 from ._runtime import CURRENT, RUNTIME
 
 __all__ = [
@@ -52,6 +53,15 @@ _LEVELS: dict[str, int] = {
     "node.timed_out": WARNING,
     "node.abandoned_finished": INFO,
     "node.failed": ERROR,
+    "node.fallback": WARNING,
+    "circuit.opened": ERROR,
+    "circuit.half_opened": INFO,
+    "circuit.closed": INFO,
+    "circuit.rejected": INFO,
+    "rate_limit.waited": DEBUG,
+    "rate_limit.rejected": WARNING,
+    "rate_limit.paused": WARNING,
+    "bulkhead.rejected": WARNING,
     "flow.started": INFO,
     "flow.node_started": DEBUG,
     "flow.node_finished": DEBUG,
@@ -85,8 +95,9 @@ _UNLOGGED = frozenset({"state"})
 class Event:
     """One thing that happened, with a dotted `name` and structured fields.
 
-    `error` is the error's type and message (shortened); `exc` is the exception object itself
-    for in-process sinks and is never logged. `fields` holds event-specific values; none of them
+    `error` is the error's type and message, redacted, on one line and shortened (see
+    `short_error`); `exc` is the exception object itself for in-process sinks and is never
+    logged. `fields` holds event-specific values; none of them
     is ever a raw idempotency key, payload or secret.
     """
 
@@ -175,8 +186,10 @@ def remove_sink(sink: Sink) -> None:
 
 
 def short_error(exc: BaseException, limit: int = 200) -> str:
-    text = f"{type(exc).__name__}: {exc}"
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    """The error's type and message as events and logs show it: redacted (`_redact`: URL
+    secrets, passwords, tokens, pydantic's ``input_value``, the user's redactors), on one
+    line, at most `limit` characters. Only failures pay for it."""
+    return error_text(exc, limit)
 
 
 def emit(

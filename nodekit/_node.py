@@ -20,7 +20,16 @@ from typing import Any, Generic, ParamSpec, Protocol, TypeVar, overload
 from ._context import NodeContext
 from ._errors import ConfigError
 from ._events import DEBUG, is_enabled_for
-from ._execution import bind_log, call_async, call_sync, run_async, run_sync, unbind_log
+from ._execution import (
+    bind_log,
+    call_async,
+    call_sync,
+    guarded_async,
+    guarded_sync,
+    run_async,
+    run_sync,
+    unbind_log,
+)
 from ._map import MapResult, attach_map
 from ._policies import Effect, Retry, Seconds, Timeout
 from ._resources import Resource
@@ -28,6 +37,7 @@ from ._runtime import CURRENT, RUNTIME
 from ._spec import NodeSpec
 from .idempotency._keyed import keyed_async, keyed_sync, on_abandoned_finish
 from .idempotency._policy import compile_idempotency
+from .resilience import Bulkhead, CircuitBreaker, RateLimit, compile_resilience
 
 __all__ = [
     "Node",
@@ -42,7 +52,17 @@ __all__ = [
 P = ParamSpec("P")
 R = TypeVar("R")
 
-_OPTIONS = ("name", "retry", "timeout", "effect", "idempotency")
+_OPTIONS = (
+    "name",
+    "retry",
+    "timeout",
+    "effect",
+    "idempotency",
+    "circuit",
+    "rate_limit",
+    "bulkhead",
+    "fallback",
+)
 
 
 class Node(Protocol, Generic[P, R]):
@@ -117,6 +137,8 @@ def compile_spec(fn: Callable[..., Any], config: dict[str, Any]) -> NodeSpec:
         spec.drive_async = keyed_async
         spec.replay_safe = True
         spec.on_abandoned_finish = on_abandoned_finish
+    # circuit, rate limit, bulkhead around each attempt; the fallback around the whole call
+    compile_resilience(spec, config)
     return spec
 
 
@@ -134,7 +156,9 @@ def _sync_wrapper(spec: NodeSpec) -> Callable[..., Any]:
     get, set_, reset = CURRENT.get, CURRENT.set, CURRENT.reset
     fn, name, modules, runtime = spec.fn, spec.name, sys.modules, RUNTIME
     # the loop's first attempt is made here when there is nothing to bind, inject or key
-    plain = spec.drive_sync is run_sync and not spec.resources and not spec.threaded
+    plain = (
+        spec.drive_sync is run_sync and not spec.resources and not spec.threaded and not spec.guards
+    )
     retries = spec.retry is not None
     total = spec.total_timeout
 
@@ -167,7 +191,12 @@ def _sync_wrapper(spec: NodeSpec) -> Callable[..., Any]:
 def _async_wrapper(spec: NodeSpec) -> Callable[..., Coroutine[Any, Any, Any]]:
     get, set_, reset = CURRENT.get, CURRENT.set, CURRENT.reset
     fn, name, modules, runtime = spec.fn, spec.name, sys.modules, RUNTIME
-    plain = spec.drive_async is run_async and not spec.resources and not spec.threaded
+    plain = (
+        spec.drive_async is run_async
+        and not spec.resources
+        and not spec.threaded
+        and not spec.guards
+    )
     retries = spec.retry is not None
     total = spec.total_timeout
 
@@ -194,6 +223,74 @@ def _async_wrapper(spec: NodeSpec) -> Callable[..., Coroutine[Any, Any, Any]]:
             reset(token)
 
     return wrapper
+
+
+def _guarded_sync_wrapper(spec: NodeSpec) -> Callable[..., Any]:
+    """The wrapper of a sync node whose only layers are per-attempt guards (and retry):
+    its first attempt goes through the guards straight from here, as a plain node's goes
+    to its function, so that a closed breaker costs only its own bookkeeping."""
+    get, set_, reset = CURRENT.get, CURRENT.set, CURRENT.reset
+    modules, runtime = sys.modules, RUNTIME
+    retries = spec.retry is not None
+    total = spec.total_timeout
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        parent = get()
+        if total is None:
+            ctx = NodeContext(spec, parent, None if parent is None else parent.deadline)
+        else:
+            ctx = NodeContext(spec, parent, _deadline(spec, parent))
+        token = set_(ctx)
+        try:
+            if runtime.sinks or is_enabled_for(DEBUG) or "structlog" in modules:
+                return call_sync(spec, ctx, args, kwargs)
+            try:
+                return guarded_sync(spec, ctx, args, kwargs)
+            except Exception as exc:
+                if not retries:
+                    raise
+                return run_sync(spec, ctx, args, kwargs, exc)
+        finally:
+            reset(token)
+
+    return wrapper
+
+
+def _guarded_async_wrapper(spec: NodeSpec) -> Callable[..., Coroutine[Any, Any, Any]]:
+    """The async twin of `_guarded_sync_wrapper`."""
+    get, set_, reset = CURRENT.get, CURRENT.set, CURRENT.reset
+    modules, runtime = sys.modules, RUNTIME
+    retries = spec.retry is not None
+    total = spec.total_timeout
+
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        parent = get()
+        ctx = NodeContext(
+            spec, parent, _deadline(spec, parent) if total else parent and parent.deadline
+        )
+        token = set_(ctx)
+        try:
+            if runtime.sinks or is_enabled_for(DEBUG) or "structlog" in modules:
+                return await call_async(spec, ctx, args, kwargs)
+            try:
+                return await guarded_async(spec, ctx, args, kwargs)
+            except Exception as exc:
+                if not retries:
+                    raise
+                return await run_async(spec, ctx, args, kwargs, exc)
+        finally:
+            reset(token)
+
+    return wrapper
+
+
+def _wrapper(spec: NodeSpec) -> Callable[..., Any]:
+    """The decorated function: the guarded fast path when guards are the node's only extra."""
+    if spec.is_async:
+        guarded = spec.guards and not spec.resources and spec.drive_async is run_async
+        return _guarded_async_wrapper(spec) if guarded else _async_wrapper(spec)
+    guarded = spec.guards and not spec.resources and spec.drive_sync is run_sync
+    return _guarded_sync_wrapper(spec) if guarded else _sync_wrapper(spec)
 
 
 def new_context(spec: NodeSpec) -> NodeContext:
@@ -233,7 +330,7 @@ def build(fn: Callable[..., Any], config: dict[str, Any]) -> Any:
             option=sorted(unknown)[0],
         )
     spec = compile_spec(fn, config)
-    wrapper = _async_wrapper(spec) if spec.is_async else _sync_wrapper(spec)
+    wrapper = _wrapper(spec)
     try:
         functools.update_wrapper(wrapper, fn)
     except AttributeError:  # pragma: no cover - callables without __name__ etc.
@@ -271,6 +368,10 @@ def node(
     timeout: Timeout | Seconds | None = ...,
     effect: Effect = ...,
     idempotency: Any = ...,
+    circuit: CircuitBreaker | None = ...,
+    rate_limit: RateLimit | None = ...,
+    bulkhead: Bulkhead | None = ...,
+    fallback: Callable[..., Any] | None = ...,
 ) -> Callable[[Callable[P, R]], Node[P, R]]: ...
 
 
@@ -280,7 +381,10 @@ def node(fn: Callable[..., Any] | None = None, /, **config: Any) -> Any:
     Options (keyword-only): `name` (defaults to the function's qualified name), `retry`
     (`nk.Retry`, ``True`` for the defaults, or None: no retry), `timeout` (seconds, a
     `timedelta` or `nk.Timeout`), `effect` (`nk.Effect`, default WRITE), `idempotency`
-    (`nk.Idempotency`). Every option is validated here; a bad one is a `ConfigError` naming
+    (`nk.Idempotency`), `circuit` (`nk.CircuitBreaker`), `rate_limit` (`nk.RateLimit`),
+    `bulkhead` (`nk.Bulkhead`) and `fallback` (``fn(error, *args, **kwargs)``, sync or async
+    like the node). Layers, outermost first: fallback, idempotency, retry (within the total
+    timeout), then per attempt circuit, rate limit, bulkhead, attempt timeout. Every option is validated here; a bad one is a `ConfigError` naming
     the node and the option. The result is called exactly like `fn` and keeps its signature,
     docstring and call style (an async node stays a coroutine function).
     """

@@ -2,9 +2,11 @@
 
 Everything nodekit keeps for the whole process lives here, so that a test can put it back with
 one call (`RUNTIME.reset()`; `nodekit.testing.reset_defaults()` wraps it): where the drivers
-sleep, the default idempotency store, the event sinks, and the seed of the run ids. This module
+sleep, the default idempotency store, the event sinks, the user's error classifiers and
+redactors, and the seed of the run ids. This module
 is the bottom layer: it imports nothing from nodekit, and the layers above read and write its
-attributes (`_events` keeps its sinks here, `idempotency._open` its default store).
+attributes (`_events` keeps its sinks here, `_classify` its classifiers, `_redact` its redactors,
+`idempotency._open` its default store).
 
 The context variables are defined here rather than in `_context` so that a lower layer
 (`_events`) can read the running node without importing the layer above it. `CURRENT` holds a
@@ -32,24 +34,33 @@ class Runtime:
     `nodekit.testing.instant()` swaps them for recorders. `default_store` is None until a keyed
     node without a store first needs one (then a `MemoryStore`). `sinks` is a tuple, replaced
     whole under `lock` and never changed in place, so that emitting an event takes no lock
-    (`_events.add_sink` and `remove_sink` write it). Run ids are `run_prefix` (random per
+    (`_events.add_sink` and `remove_sink` write it). `warned` holds what a once-per-process
+    warning has been given for (e.g. a Redis server that keeps nothing on disk). Run ids are `run_prefix` (random per
     process, renewed in a forked child) followed by the next value of `run_counter`, in hex.
+    `classifiers` (`nk.register_classifier`) and `redactors` (`nk.add_redactor`) are tuples kept
+    like `sinks`; the default is none of the user's.
     """
 
     __slots__ = (
         "asleep",
+        "classifiers",
         "default_store",
         "lock",
+        "redactors",
         "run_counter",
         "run_prefix",
         "sinks",
         "sleep",
+        "warned",
     )
 
     sleep: Callable[[float], None]
     asleep: Callable[[float], Awaitable[None]]
     default_store: Any
     sinks: tuple[Callable[[Any], None], ...]
+    classifiers: tuple[Callable[[BaseException], Any], ...]
+    redactors: tuple[Callable[[str], str], ...]
+    warned: set[str]
     run_prefix: str
     run_counter: Iterator[int]
 
@@ -59,7 +70,8 @@ class Runtime:
         self.reset()
 
     def reset(self) -> None:
-        """Restore the defaults: real waits, no sinks, no default store, fresh run ids.
+        """Restore the defaults: real waits, no sinks, no default store, no warnings given,
+        fresh run ids.
 
         The context variables are per thread and task, not process-wide, and are left alone.
         """
@@ -68,6 +80,9 @@ class Runtime:
             self.asleep = asyncio.sleep
             self.default_store = None
             self.sinks = ()
+            self.classifiers = ()
+            self.redactors = ()
+            self.warned = set()
         self.reseed()
 
     def reseed(self) -> None:

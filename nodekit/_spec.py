@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 from ._errors import ConfigError
 from ._policies import (
@@ -21,7 +21,45 @@ from ._policies import (
     compile_timeout,
 )
 
-__all__ = ["NodeSpec", "is_async_callable"]
+__all__ = ["AttemptGuard", "NodeSpec", "is_async_callable"]
+
+
+class AttemptGuard(Protocol):
+    """One per-attempt layer around the function: a circuit breaker, rate limit or bulkhead.
+
+    The attempt loop (`_execution._guarded`) calls `enter` (or `aenter`) of each of the
+    node's guards in order before an attempt, and `exit` (or `aexit`) of those entered,
+    innermost first, after it (`aexit` exists for state in a shared store, whose I/O an
+    async node awaits). `enter` may wait (sync: blocking; async: awaiting) and raises the refusal when
+    the attempt may not run; what it returns is handed back to `exit`. `exit` gets the
+    attempt's error (None on success; a guard refused by a later one sees that refusal),
+    `now` (`time.monotonic()`) and the seconds the function itself ran. The guards live in
+    `nodekit.resilience`; this protocol sits here so that the loop never imports them.
+    """
+
+    def enter(self, spec: NodeSpec, ctx: Any) -> Any: ...
+
+    async def aenter(self, spec: NodeSpec, ctx: Any) -> Any: ...
+
+    def exit(
+        self,
+        spec: NodeSpec,
+        ctx: Any,
+        token: Any,
+        error: BaseException | None,
+        now: float,
+        duration: float,
+    ) -> None: ...
+
+    async def aexit(
+        self,
+        spec: NodeSpec,
+        ctx: Any,
+        token: Any,
+        error: BaseException | None,
+        now: float,
+        duration: float,
+    ) -> None: ...
 
 
 class NodeSpec:
@@ -30,7 +68,9 @@ class NodeSpec:
     `drive_sync` / `drive_async` run a call once its context is set: the attempt loop, or a
     keyed call holding its claim around it (set by `_node.py` when the node is keyed).
     `replay_safe` is true when a repeated effect is harmless because a key guards it, so that
-    ambiguous errors may be retried; `nodekit.sql` sets it for its transactions.
+    ambiguous errors may be retried; `nodekit.sql` sets it for its transactions. `guards` are
+    the per-attempt layers (circuit breaker, rate limit, bulkhead), outermost first; empty for
+    most nodes, which then pay nothing for them.
     """
 
     __slots__ = (
@@ -40,6 +80,7 @@ class NodeSpec:
         "drive_sync",
         "effect",
         "fn",
+        "guards",
         "idempotency",
         "is_async",
         "name",
@@ -89,6 +130,8 @@ class NodeSpec:
         self.return_type = _return_type(fn)
         self.on_abandoned_finish: Callable[..., None] | None = None
         self.idempotency: Any = None
+        # circuit, rate limit, bulkhead around each attempt, outermost first (set by _node.py)
+        self.guards: tuple[AttemptGuard, ...] = ()
         self.drive_sync = drive_sync
         self.drive_async = drive_async
         self.replay_safe = False

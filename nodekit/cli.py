@@ -1,7 +1,8 @@
 """The `nodekit` command line: inspect and resolve idempotency records.
 
     nodekit store stats URL                 records per namespace and state
-    nodekit store show URL NAMESPACE DIGEST one record (never the result payload)
+    nodekit store show URL NAMESPACE DIGEST one record (never the result payload); a
+                                            corrupt one is shown field by field, exit status 3
     nodekit store resolve URL NAMESPACE DIGEST
                                             delete a record whose outcome you have checked
                                             (the way out of OutcomeUnknown for at-most-once)
@@ -45,10 +46,17 @@ def _stats(url: str) -> int:
 
 
 def _show(url: str, namespace: str, digest: str, scope: str) -> int:
+    from ._errors import IdempotencyCorruptRecord
     from .idempotency import RecordKey
 
     with _opened(url) as store:
-        record = store.get(RecordKey(namespace, scope, digest))
+        try:
+            record = store.get(RecordKey(namespace, scope, digest))
+        except IdempotencyCorruptRecord as exc:
+            print(f"CORRUPT: field {exc.field!r} cannot be read ({exc})")
+            for name, value in (exc.fields or {}).items():
+                print(f"{name}: {value}")
+            return 3
         if record is None:
             print("no such record", file=sys.stderr)
             return 1

@@ -7,12 +7,15 @@ one attempt loop per mode, and `call_sync` / `call_async`, one node call in its 
 
 from ._attempts import Attempts
 from ._drivers import bind_log, call_async, call_sync, run_async, run_sync, unbind_log
+from ._guarded import guarded_async, guarded_sync
 
 __all__ = [
     "Attempts",
     "bind_log",
     "call_async",
     "call_sync",
+    "guarded_async",
+    "guarded_sync",
     "run_async",
     "run_sync",
     "unbind_log",

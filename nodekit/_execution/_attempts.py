@@ -13,7 +13,7 @@ from typing import Any
 
 from .._classify import AMBIGUOUS, PERMANENT, classify, retry_after
 from .._context import NodeContext
-from .._errors import ConfigError, NodeTimeout, UnsafeRetry
+from .._errors import CircuitOpen, ConfigError, NodeTimeout, UnsafeRetry
 from .._events import emit, observed
 from .._policies import Effect, RetryPlan
 from .._spec import NodeSpec
@@ -67,6 +67,9 @@ class Attempts:
         kind = classify(exc)
         state = self._check_retryable(exc, kind, plan)
         hint = retry_after(exc)
+        if isinstance(exc, CircuitOpen) and (hint is None or hint > plan.max_wait):
+            # the breaker would refuse the retry too: fail fast, as it means to
+            self._give_up(exc, "circuit open" if hint is None else f"circuit open for {hint:.3f}s")
         if hint is not None:
             wait = min(hint, plan.max_wait)
         elif plan.wait is not None:

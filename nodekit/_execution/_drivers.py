@@ -22,6 +22,7 @@ from .._resources import ainject, inject
 from .._runtime import LOG_ATTEMPT, LOG_NODE, LOG_RUN, RUNTIME
 from .._spec import NodeSpec
 from ._attempts import Attempts
+from ._guarded import guarded_async, guarded_sync
 from ._timed import attempt_in_thread, attempt_with_timeout
 
 __all__ = [
@@ -47,7 +48,9 @@ def run_sync(
     while True:
         if failed is None:
             try:
-                if spec.threaded:
+                if spec.guards:
+                    result = guarded_sync(spec, ctx, args, kwargs)
+                elif spec.threaded:
                     result = attempt_in_thread(spec, ctx, args, kwargs)
                 else:
                     result = fn(*args, **kwargs)
@@ -75,7 +78,9 @@ async def run_async(
     while True:
         if failed is None:
             try:
-                if spec.threaded:
+                if spec.guards:
+                    result = await guarded_async(spec, ctx, args, kwargs)
+                elif spec.threaded:
                     result = await attempt_with_timeout(spec, ctx, args, kwargs)
                 else:
                     result = await fn(*args, **kwargs)

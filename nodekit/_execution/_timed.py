@@ -10,8 +10,10 @@ it (nested nodes, integrations passing the deadline down) includes the per-attem
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from .._context import NodeContext
@@ -24,7 +26,7 @@ __all__ = ["attempt_in_thread", "attempt_with_timeout"]
 
 
 class _Box:
-    __slots__ = ("abandoned", "done", "error", "lock", "result")
+    __slots__ = ("abandoned", "done", "error", "finished", "lock", "result")
 
     def __init__(self) -> None:
         self.done = threading.Event()
@@ -32,6 +34,16 @@ class _Box:
         self.abandoned = False
         self.result: Any = None
         self.error: BaseException | None = None
+        # run when an abandoned attempt's thread finishes (`NodeTimeout.when_finished`)
+        self.finished: list[Callable[[], None]] = []
+
+    def when_finished(self, callback: Callable[[], None]) -> None:
+        """Run `callback` once the worker thread has finished (now, if it already has)."""
+        with self.lock:
+            if not self.done.is_set():
+                self.finished.append(callback)
+                return
+        callback()
 
 
 def attempt_in_thread(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any) -> Any:
@@ -67,6 +79,7 @@ def attempt_in_thread(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any) 
                 node=spec.name,
                 timeout=budget,
                 abandoned=True,
+                when_finished=box.when_finished,
             )
     if box.error is not None:
         raise box.error
@@ -89,6 +102,10 @@ def _target(
     with box.lock:
         box.done.set()
         late = box.abandoned
+        finished, box.finished = box.finished, []
+    for callback in finished:
+        with contextlib.suppress(Exception):  # a guard's release; it never raises
+            callback()
     if late:
         emit(
             "node.abandoned_finished",

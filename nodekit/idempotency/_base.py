@@ -6,26 +6,66 @@ import asyncio
 import concurrent.futures
 import functools
 import itertools
+import math
 import os
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Self, TypeGuard, TypeVar, cast
 
-from ._store import COMPLETED, IN_PROGRESS, Acquisition, Record, RecordKey, SyncStore
+from .._errors import IdempotencyCorruptRecord
+from .._runtime import CURRENT
+from ._store import (
+    COMPLETED,
+    FORMAT_VERSION,
+    IN_PROGRESS,
+    Acquisition,
+    NotSent,
+    Record,
+    RecordKey,
+    SyncStore,
+)
 
 T = TypeVar("T")
 
 __all__ = [
+    "FIELDS",
     "Closing",
+    "PoolTimeout",
     "ThreadedAsync",
+    "Unreachable",
     "acquisition",
     "can_acquire",
+    "checked_record",
     "completed",
     "fresh_record",
     "holds",
     "new_token",
+    "pool_wait",
+    "record_from_fields",
     "renewed",
 ]
+
+# A record's fields in storage order (every store's columns, `Record`'s positional order).
+FIELDS = (
+    "namespace",
+    "scope",
+    "key_digest",
+    "fingerprint",
+    "state",
+    "owner_token",
+    "epoch",
+    "lease_expires_at",
+    "created_at",
+    "expires_at",
+    "result",
+    "error",
+    "format_version",
+)
+_TIMES = ("lease_expires_at", "created_at", "expires_at")
+# a time stored as text, as nodekit writes it (ASCII decimal; never nan, inf, hex or "1_0")
+_DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
+_STATES = (IN_PROGRESS, COMPLETED)
 
 
 class _Tokens:
@@ -86,17 +126,18 @@ def fresh_record(
     lease: float,
     ttl: float,
 ) -> Record:
+    # positional: keyword arguments cost a slotted dataclass about three times as much
     return Record(
-        namespace=key.namespace,
-        scope=key.scope,
-        key_digest=key.digest,
-        fingerprint=fingerprint,
-        state=IN_PROGRESS,
-        owner_token=token,
-        epoch=epoch,
-        lease_expires_at=now + lease,
-        created_at=now,
-        expires_at=now + max(ttl, lease),
+        key.namespace,
+        key.scope,
+        key.digest,
+        fingerprint,
+        IN_PROGRESS,
+        token,
+        epoch,
+        now + lease,
+        now,
+        now + max(ttl, lease),
     )
 
 
@@ -114,10 +155,10 @@ def acquisition(
     ok, took_over = can_acquire(existing, fingerprint, now, takeover)
     if not ok:
         assert existing is not None
-        return Acquisition(False, existing, now=now), None
+        return Acquisition(False, existing, False, now), None
     epoch = (existing.epoch if existing is not None else 0) + 1
     record = fresh_record(key, fingerprint, token or new_token(), epoch, now, lease, ttl)
-    return Acquisition(True, record, takeover=took_over, now=now), record
+    return Acquisition(True, record, took_over, now), record
 
 
 def holds(record: Record | None, token: str) -> TypeGuard[Record]:
@@ -249,3 +290,151 @@ class ThreadedAsync:
 
     def __exit__(self, *exc: object) -> None:
         self._sync().close()
+
+
+# ---------------------------------------------------------------------------- pools
+
+
+class PoolTimeout(NotSent, TimeoutError):
+    """No connection of the store's pool came free in time; nothing was sent."""
+
+
+class Unreachable(NotSent, ConnectionError):
+    """The store could not connect to its server; nothing was sent."""
+
+
+def pool_wait(limit: float, *, bounded: bool = True) -> float:
+    """How long a store may wait for a free connection: `limit` seconds, or, when `bounded`,
+    less if the running node's deadline comes sooner (0.0 once it has passed).
+
+    Acquire and reads are bounded: a call that cannot get a connection before its deadline
+    fails with a store error *before* anything ran. Completion, release and renewal are not:
+    the effect already happened and its outcome must be recorded if at all possible.
+    """
+    if bounded:
+        ctx = CURRENT.get()
+        if ctx is not None and ctx.deadline is not None:
+            left: float = ctx.remaining()
+            if left < limit:
+                return left
+    return limit
+
+
+# ---------------------------------------------------------------------------- corrupt records
+
+
+def checked_record(values: Sequence[Any], store: str) -> Record:
+    """A `Record` from a store's raw values in `FIELDS` order, checked field by field.
+
+    Anything a store can hold but nodekit never writes (an unknown state, a time that is not a
+    finite number, an epoch that is not a positive integer, a missing field, a newer format)
+    raises `IdempotencyCorruptRecord` naming the store, the key's fingerprint and the field:
+    a corrupt record is never treated as absent, expired or acquirable.
+    """
+    if len(values) != len(FIELDS):
+        raise _corrupt(values, store, "record", f"{len(values)} fields, expected {len(FIELDS)}")
+    (
+        namespace,
+        scope,
+        key_digest,
+        fingerprint,
+        state,
+        owner_token,
+        epoch,
+        lease_expires_at,
+        created_at,
+        expires_at,
+        result,
+        error,
+        format_version,
+    ) = values
+    for name, text in (
+        ("namespace", namespace),
+        ("scope", scope),
+        ("key_digest", key_digest),
+        ("fingerprint", fingerprint),
+        ("owner_token", owner_token),
+    ):
+        if type(text) is not str or (not text and name != "scope"):
+            raise _corrupt(values, store, name, "missing or not text")
+    if state != IN_PROGRESS and state != COMPLETED:
+        raise _corrupt(values, store, "state", f"{state!r} is not one of {_STATES}")
+    epoch = _whole(epoch)
+    if epoch is None or epoch < 1:
+        raise _corrupt(values, store, "epoch", "not a positive integer")
+    times = []
+    for name, value in zip(_TIMES, (lease_expires_at, created_at, expires_at), strict=True):
+        seconds = _seconds(value)
+        if seconds is None:
+            raise _corrupt(values, store, name, "not a finite number of seconds")
+        times.append(seconds)
+    for name, payload in (("result", result), ("error", error)):
+        if payload is not None and type(payload) is not str:
+            raise _corrupt(values, store, name, "not text")
+    version = _whole(format_version)
+    if version is None or not 1 <= version <= FORMAT_VERSION:
+        raise _corrupt(
+            values, store, "format_version", f"this nodekit reads versions 1 to {FORMAT_VERSION}"
+        )
+    return Record(
+        namespace,
+        scope,
+        key_digest,
+        fingerprint,
+        state,
+        owner_token,
+        epoch,
+        times[0],
+        times[1],
+        times[2],
+        result,
+        error,
+        version,
+    )
+
+
+def record_from_fields(fields: Mapping[str, Any], store: str) -> Record:
+    """`checked_record` for a store that keeps a record as named fields (a Redis hash)."""
+    values = [fields.get(name) for name in FIELDS]
+    if values[-1] is None and "format_version" not in fields:
+        values[-1] = FORMAT_VERSION  # records from before the field existed
+    return checked_record(values, store)
+
+
+def _whole(value: Any) -> int | None:
+    if type(value) is int:
+        return value
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return int(value)
+    return None
+
+
+def _seconds(value: Any) -> float | None:
+    if type(value) is float:
+        return value if math.isfinite(value) else None
+    if type(value) is int:
+        return float(value)
+    if isinstance(value, str) and _DECIMAL.fullmatch(value):
+        seconds = float(value)
+        return seconds if math.isfinite(seconds) else None
+    return None
+
+
+def _corrupt(values: Sequence[Any], store: str, field: str, why: str) -> IdempotencyCorruptRecord:
+    shown = {}
+    for name, value in zip(FIELDS, values, strict=False):
+        if name in ("result", "error"):
+            shown[name] = "<none>" if value is None else f"<{len(str(value))} characters>"
+        else:
+            shown[name] = str(value)[:80]
+    digest = values[2] if len(values) > 2 and isinstance(values[2], str) else ""
+    short = digest[:12] or "?"
+    return IdempotencyCorruptRecord(
+        f"{store}: the record of key {short} is corrupt: field {field!r} ({why}); nothing was "
+        "run and the record was kept (inspect it with `nodekit store show`, remove it with "
+        "`nodekit store resolve`)",
+        key_fingerprint=short,
+        store=store,
+        field=field,
+        fields=shown,
+    )

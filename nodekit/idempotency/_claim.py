@@ -27,14 +27,14 @@ Guarantees kept here:
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Coroutine, Generator
+from collections.abc import Awaitable, Generator
 from typing import Any
 
 from .._errors import NodekitError
 from .._runtime import RUNTIME
 from ._lease import Claim
 from ._renewer import RENEWER
-from ._store import COMPLETED, IN_PROGRESS, Acquisition, Record
+from ._store import COMPLETED, IN_PROGRESS, Acquisition, NotSent, Record
 
 __all__ = [
     "BUSY",
@@ -146,12 +146,9 @@ def _protocol(holder: Holder) -> Protocol:
         pause = min(pause * 2, 0.5)
     claim.epoch = got.record.epoch
     holder.acquired(got)
-    return (yield from _hold(holder))
-
-
-def _hold(holder: Holder) -> Protocol:
-    """Run the body holding the key (renewed meanwhile), then settle: complete or release."""
-    claim = holder.claim
+    # hold the key while the body runs (renewed meanwhile), then settle: complete or release
+    # (written out here rather than in a sub-generator: every command passes through each
+    # level of `yield from`, and this is the path of every first execution)
     RENEWER.hold(claim)
     try:
         result = yield _BODY, None
@@ -181,8 +178,9 @@ def _hold(holder: Holder) -> Protocol:
 
 def _reconcile(claim: Claim, exc: BaseException) -> Generator[Command, Any, None]:
     """An acquire failed mid-way: release our own claim if the store recorded it."""
-    if isinstance(exc, NodekitError):
-        return  # the store answered (a corrupt record, a closed store): nothing was written
+    if isinstance(exc, NodekitError | NotSent):
+        # the store answered (a corrupt record) or was never asked (no connection): no claim
+        return
     released = False
     if isinstance(exc, Exception):  # a lost reply: try at once; a cancelled task must not wait
         try:
@@ -201,7 +199,7 @@ def _complete(holder: Holder, text: str | None, error: str | None) -> Generator[
     claim.settling = True
     pause = 0.01
     waited = 0.0  # the waits asked for: under the test kit's instant clock no time passes
-    first = time.monotonic()
+    first = 0.0  # when the first write failed
     while True:
         try:
             recorded: bool = yield _COMPLETE, (text, error)
@@ -211,6 +209,7 @@ def _complete(holder: Holder, text: str | None, error: str | None) -> Generator[
                 RENEWER.complete_later(claim, text, error)
                 raise
             now = time.monotonic()
+            first = first or now
             # give up a quarter lease before it ends: the key is still held when the caller
             # hears OutcomeUnknown, so an immediate retry is refused, not run again
             left = claim.lease_end - claim.lease / 4 - max(now, first + waited)
@@ -243,42 +242,15 @@ def _settle(holder: Holder, exc: BaseException) -> Generator[Command, Any, str]:
 
 
 # ---------------------------------------------------------------------------- drivers
+#
+# Two drivers that read line for line alike: `drive_sync` does every command in this thread,
+# `drive_async` awaits it on the running loop (the store's async twin of each operation).
+# The store calls are spelled out, keywords and all: a call with literal keywords costs less
+# than building an argument dict per command.
 
 
-def _request(
-    claim: Claim, command: int, argument: Any
-) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
-    """The store operation a command names: (sync method name, args, kwargs)."""
-    if command == _ACQUIRE:
-        return (
-            "acquire",
-            (claim.key, claim.fingerprint),
-            {
-                "lease": claim.lease,
-                "ttl": claim.ttl,
-                "takeover": claim.takeover,
-                "token": claim.token,
-            },
-        )
-    if command == _COMPLETE:
-        result, error = argument
-        return (
-            "complete",
-            (claim.key, claim.token),
-            {"result": result, "error": error, "ttl": claim.ttl},
-        )
-    if command == _RELEASE:
-        return "release", (claim.key, claim.token), {}
-    return "get", (claim.key,), {}
-
-
-async def _drive(holder: Holder, blocking: bool) -> Any:
-    """Carry out the protocol's commands until it returns the call's value.
-
-    Written once for both modes: with `blocking`, every command is done in this thread and
-    nothing is awaited, so the coroutine finishes on its first step without an event loop
-    (`drive_sync`); otherwise store operations and the body are awaited on the running loop.
-    """
+def drive_sync(holder: Holder) -> Any:
+    """Carry out the protocol for `holder` in this thread."""
     protocol = _protocol(holder)
     send, throw = protocol.send, protocol.throw
     reply: Any = None
@@ -290,10 +262,25 @@ async def _drive(holder: Holder, blocking: bool) -> Any:
             return stop.value
         reply, error = None, None
         try:
-            if blocking:
-                reply = _blocking(holder, command, argument)
-            else:
-                reply = await _awaitable(holder, command, argument)
+            reply = _blocking(holder, command, argument)
+        except BaseException as exc:
+            error = exc
+
+
+async def drive_async(holder: Holder) -> Any:
+    """Carry out the protocol for `holder` on the running event loop (store I/O awaited)."""
+    protocol = _protocol(holder)
+    send, throw = protocol.send, protocol.throw
+    reply: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            command, argument = send(reply) if error is None else throw(error)
+        except StopIteration as stop:
+            return stop.value
+        reply, error = None, None
+        try:
+            reply = await _awaitable(holder, command, argument)
         except BaseException as exc:
             error = exc
 
@@ -302,33 +289,49 @@ def _blocking(holder: Holder, command: int, argument: Any) -> Any:
     """One command, done in this thread."""
     if command == _BODY:
         return holder.body_sync()
-    if command == _SLEEP:
-        return RUNTIME.sleep(argument)
-    name, args, kwargs = _request(holder.claim, command, argument)
-    return getattr(holder.claim.store, name)(*args, **kwargs)
+    claim = holder.claim
+    store = claim.store
+    if command == _ACQUIRE:
+        return store.acquire(
+            claim.key,
+            claim.fingerprint,
+            lease=claim.lease,
+            ttl=claim.ttl,
+            takeover=claim.takeover,
+            token=claim.token,
+        )
+    if command == _COMPLETE:
+        result, error = argument
+        return store.complete(claim.key, claim.token, result=result, error=error, ttl=claim.ttl)
+    if command == _RELEASE:
+        return store.release(claim.key, claim.token)
+    if command == _GET:
+        return store.get(claim.key)
+    return RUNTIME.sleep(argument)
 
 
 def _awaitable(holder: Holder, command: int, argument: Any) -> Awaitable[Any]:
-    """One command as an awaitable for the running loop (the store's async twin: "a" + name)."""
-    if command == _SLEEP:
-        return RUNTIME.asleep(argument)
+    """One command as an awaitable for the running loop (the store's async twin)."""
     if command == _BODY:
         return holder.body_async()
-    name, args, kwargs = _request(holder.claim, command, argument)
-    return getattr(holder.claim.store, "a" + name)(*args, **kwargs)  # type: ignore[no-any-return]
-
-
-def drive_sync(holder: Holder) -> Any:
-    """Carry out the protocol for `holder` in this thread."""
-    steps = _drive(holder, True)
-    try:
-        steps.send(None)
-    except StopIteration as done:
-        return done.value
-    steps.close()  # pragma: no cover - `_blocking` never suspends
-    raise RuntimeError("nodekit: a sync claim suspended")  # pragma: no cover
-
-
-def drive_async(holder: Holder) -> Coroutine[Any, Any, Any]:
-    """Carry out the protocol for `holder` on the running event loop (store I/O awaited)."""
-    return _drive(holder, False)
+    claim = holder.claim
+    store = claim.store
+    if command == _ACQUIRE:
+        return store.aacquire(  # type: ignore[no-any-return]
+            claim.key,
+            claim.fingerprint,
+            lease=claim.lease,
+            ttl=claim.ttl,
+            takeover=claim.takeover,
+            token=claim.token,
+        )
+    if command == _COMPLETE:
+        result, error = argument
+        return store.acomplete(  # type: ignore[no-any-return]
+            claim.key, claim.token, result=result, error=error, ttl=claim.ttl
+        )
+    if command == _RELEASE:
+        return store.arelease(claim.key, claim.token)  # type: ignore[no-any-return]
+    if command == _GET:
+        return store.aget(claim.key)  # type: ignore[no-any-return]
+    return RUNTIME.asleep(argument)

@@ -6,6 +6,12 @@ each step: replay a completed record (equal in value and type), raise on a diffe
 wait for or refuse a busy key, and what a failure means for the key — a safe or permanent
 one releases it, an ambiguous one keeps the lease (the effect may have happened) and raises
 `OutcomeUnknown`, a listed business error is stored and replayed.
+
+On a `MemoryStore` a replay makes no claim: the store is in process, so its completed record
+is read directly (`MemoryStore.replay_record`: same key, same fingerprint, unexpired — what an
+acquire would refuse as a replay), the one in-process cache IDEMPOTENCY.md rule 23 allows.
+Durable stores get no such cache: a `resolve` or a TTL decided by the server in another
+process would not be seen by it.
 """
 
 from __future__ import annotations
@@ -24,12 +30,13 @@ from .._errors import (
     NodekitError,
     OutcomeUnknown,
 )
-from .._events import emit, wanted
+from .._events import emit, observed, wanted
 from .._execution import run_async, run_sync
 from .._spec import NodeSpec
 from ._claim import KEEP, RELEASE, REPLAY, STORE, Claim, Holder, drive_async, drive_sync
 from ._policy import IdempotencyPlan
 from ._store import COMPLETED, Acquisition, Record, RecordKey
+from .memory import MemoryStore
 
 __all__ = [
     "KeyedCall",
@@ -63,18 +70,34 @@ _REFUSALS: dict[str, tuple[str, type[NodekitError], str]] = {
 
 def keyed_sync(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any) -> Any:
     """Run a keyed sync call: replay, or hold the key while the attempt loop runs."""
-    found = spec.idempotency.key_for(args, kwargs)
+    plan: IdempotencyPlan = spec.idempotency
+    found = plan.key_for(args, kwargs)
     if found is None:  # Idempotency(optional=True) and no key: an unkeyed call
         return run_sync(spec, ctx, args, kwargs)
-    return drive_sync(KeyedCall(spec, ctx, args, kwargs, *found))
+    key, fingerprint = found
+    ctx.idempotency_key = key.digest
+    store = plan.store()
+    if isinstance(store, MemoryStore):
+        record = store.replay_record(key, fingerprint)
+        if record is not None:
+            return _replay(spec, ctx, key, record, None, None)
+    return drive_sync(KeyedCall(spec, ctx, args, kwargs, key, fingerprint, store))
 
 
 async def keyed_async(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any) -> Any:
     """The async twin of `keyed_sync`: store I/O awaited, never blocking the loop."""
-    found = spec.idempotency.key_for(args, kwargs)
+    plan: IdempotencyPlan = spec.idempotency
+    found = plan.key_for(args, kwargs)
     if found is None:
         return await run_async(spec, ctx, args, kwargs)
-    return await drive_async(KeyedCall(spec, ctx, args, kwargs, *found))
+    key, fingerprint = found
+    ctx.idempotency_key = key.digest
+    store = plan.store()
+    if isinstance(store, MemoryStore):
+        record = store.replay_record(key, fingerprint)
+        if record is not None:
+            return _replay(spec, ctx, key, record, None, None)
+    return await drive_async(KeyedCall(spec, ctx, args, kwargs, key, fingerprint, store))
 
 
 class KeyedCall(Holder):
@@ -88,6 +111,7 @@ class KeyedCall(Holder):
         kwargs: Any,
         key: RecordKey,
         fingerprint: str,
+        store: Any,
     ) -> None:
         plan: IdempotencyPlan = spec.idempotency
         self.spec = spec
@@ -95,19 +119,11 @@ class KeyedCall(Holder):
         self.args = args
         self.kwargs = kwargs
         self.plan = plan
-        ctx.idempotency_key = key.digest
-        self.claim = Claim(
-            plan.store(),
-            key,
-            fingerprint,
-            lease=plan.held,
-            ttl=plan.kept,
-            takeover=plan.takeover,
-            node=spec.name,
-            run_id=None,
+        claim = self.claim = Claim(
+            store, key, fingerprint, plan.held, plan.kept, plan.takeover, spec.name, None
         )
-        self.claim.context = ctx
-        self.claim.attempt = ctx.attempt
+        claim.context = ctx
+        claim.attempt = ctx.attempt
         if plan.policy.on_conflict == "wait":
             self.wait_until = time.monotonic() + plan.wait_timeout
 
@@ -115,7 +131,8 @@ class KeyedCall(Holder):
 
     def refused(self, reason: str, got: Acquisition) -> Any:
         if reason == REPLAY:
-            return self._replay(got.record, "idempotency.waited" if self.waited else None)
+            event = "idempotency.waited" if self.waited else None
+            return _replay(self.spec, self.ctx, self.claim.key, got.record, event, self.claim)
         claim = self.claim
         claim.epoch = got.record.epoch
         claim.event(_REFUSALS[reason][0])
@@ -125,7 +142,10 @@ class KeyedCall(Holder):
         ctx = self.ctx
         ctx.epoch = got.record.epoch
         ctx.lease = self  # an abandoned sync attempt that finishes later settles through it
-        self.claim.event("idempotency.takeover" if got.takeover else "idempotency.acquired")
+        if got.takeover:
+            self.claim.event("idempotency.takeover")
+        elif observed():  # its level (DEBUG), asked directly: the path of every first call
+            self.claim.event("idempotency.acquired")
 
     def store_error(self, op: str, exc: Exception) -> Exception:
         self.claim.event("idempotency.store_error", exc=exc, op=op)
@@ -150,7 +170,8 @@ class KeyedCall(Holder):
         return self.plan.results.encode_result(result)
 
     def completed(self, result: Any) -> Any:
-        self.claim.event("idempotency.completed")
+        if observed():  # DEBUG, like `acquired`
+            self.claim.event("idempotency.completed")
         return result
 
     def lost(self, record: Record | None, result: Any) -> Any:
@@ -160,7 +181,7 @@ class KeyedCall(Holder):
             and record.state == COMPLETED
             and record.fingerprint == claim.fingerprint
         ):
-            return self._replay(record, None)
+            return _replay(self.spec, self.ctx, claim.key, record, None, claim)
         raise IdempotencyLeaseLost(
             f"node {self.spec.name!r}: the lease on key {claim.key.short} was taken over before "
             "this call finished; its result was not stored",
@@ -200,27 +221,44 @@ class KeyedCall(Holder):
             key_fingerprint=claim.key.short,
         )
 
-    def _replay(self, record: Record, event: str | None) -> Any:
-        """The stored outcome, equal in value and type to the first result (or its error)."""
-        spec, ctx, plan, claim = self.spec, self.ctx, self.plan, self.claim
-        ctx.replayed = True
-        ctx.epoch = claim.epoch = record.epoch
-        value, error = replayed(plan, spec.name, claim.key, record.result, record.error)
-        if wanted("node.replayed"):  # the replay events share its level (INFO)
-            claim.event(event or "idempotency.replayed")
-            emit(
-                "node.replayed",
-                spec.name,
-                ctx.run_id,
-                ctx.attempt,
-                key=claim.key.short,
-                error=error is not None,
-            )
-        if plan.on_replay is not None:
-            plan.on_replay(ctx)
-        if error is not None:
-            raise error
-        return value
+
+def _replay(
+    spec: NodeSpec,
+    ctx: NodeContext,
+    key: RecordKey,
+    record: Record,
+    event: str | None,
+    claim: Claim | None,
+) -> Any:
+    """The stored outcome, equal in value and type to the first result (or its error).
+
+    `claim` is None for a record read in process before any claim was made (`MemoryStore`):
+    the events then carry what the claim's would (node, run id, attempt, key, epoch).
+    """
+    plan: IdempotencyPlan = spec.idempotency
+    ctx.replayed = True
+    ctx.epoch = record.epoch
+    if claim is not None:
+        claim.epoch = record.epoch
+    value, error = replayed(plan, spec.name, key, record.result, record.error)
+    if wanted("node.replayed"):  # the replay events share its level (INFO)
+        run_id = ctx.run_id
+        emit(
+            event or "idempotency.replayed",
+            spec.name,
+            run_id,
+            ctx.attempt,
+            key=key.short,
+            epoch=record.epoch,
+        )
+        emit(
+            "node.replayed", spec.name, run_id, ctx.attempt, key=key.short, error=error is not None
+        )
+    if plan.on_replay is not None:
+        plan.on_replay(ctx)
+    if error is not None:
+        raise error
+    return value
 
 
 def refusal_error(reason: str, node: str, key: RecordKey) -> NodekitError:

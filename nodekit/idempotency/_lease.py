@@ -40,7 +40,6 @@ class Claim:
         store: Any,
         key: RecordKey,
         fingerprint: str,
-        *,
         lease: float,
         ttl: float,
         takeover: bool,

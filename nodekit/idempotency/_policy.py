@@ -10,8 +10,9 @@ stored as JSON, so that an unstorable result is found before the first call.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
-import re
+import json
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from datetime import timedelta
 from typing import Any, Literal, Protocol
 
 from .._canonical import canonical, digest, dumps
-from .._errors import ConfigError
+from .._errors import ConfigError, NodekitWarning
 from .._policies import Effect, Seconds, seconds
 from .._resources import find_slot
 from .._spec import NodeSpec
@@ -29,12 +30,21 @@ from ._store import RecordKey
 
 __all__ = ["Codec", "Idempotency", "IdempotencyPlan", "NodekitWarning", "compile_idempotency"]
 
-_KEY_TEXT = re.compile(r"^[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?$")
+_sha256 = hashlib.sha256
+_encode_string = json.encoder.encode_basestring
 MAX_KEY_LENGTH = 255
 
 
-class NodekitWarning(UserWarning):
-    """A configuration that works but is likely to hurt later."""
+def _valid_key_text(text: str) -> bool:
+    """1-255 printable ASCII characters (space included), not starting or ending with a
+    space (str methods: a regex costs more per call, and its ``$`` let a final newline by)."""
+    return (
+        0 < len(text) <= MAX_KEY_LENGTH
+        and text.isascii()
+        and text.isprintable()
+        and text[0] != " "
+        and text[-1] != " "
+    )
 
 
 class Codec(Protocol):
@@ -135,6 +145,9 @@ class IdempotencyPlan:
             )
         self._bind_plan(spec.signature, {param for param, _ in spec.resources})
         self.key_params = _picker(policy.key, node, "idempotency.key", self.params)
+        # a key function of one parameter that takes it positionally (`lambda order: order`,
+        # the common case) is called with it directly, without a keyword dict
+        self._key_arg = _single_positional(policy.key, self.key_params)
         self.scope_params = _check_scope(policy.scope, node, self.params)
         self.fields = _check_fields(policy.fields, node, self.params)
         if policy.on_conflict not in ("raise", "wait"):
@@ -157,6 +170,10 @@ class IdempotencyPlan:
         self.namespace = node if policy.version is None else f"{node}@v{policy.version}"
         secret = policy.secret
         self.secret = secret.encode() if isinstance(secret, str) else secret
+        # the key text's prefix and the scope digest, unless a scope function gives them
+        scope = policy.scope
+        self._scope_fn = scope if callable(scope) else None
+        self._key_prefix, self._scope_digest = self._scoped(scope if isinstance(scope, str) else "")
         self.codec = _check_codec(policy.codec, node)
         self.optional = bool(policy.optional)
         self.on_replay = policy.on_replay
@@ -195,6 +212,15 @@ class IdempotencyPlan:
             for n, p in self.params.items()
             if p.default is not inspect.Parameter.empty
         )
+        # every parameter passed, positionally or by name: the arguments are the call's own
+        self._whole = (
+            len(self._positional)
+            if self._positional is not None
+            and not resource_names
+            and len(self._positional) == len(self.params)
+            else -1
+        )
+        self._names = self.params.keys()
 
     def _times(self, policy: Idempotency, spec: NodeSpec) -> None:
         """TTL, skew, lease (from the node's time budget), and what the store is told."""
@@ -246,6 +272,14 @@ class IdempotencyPlan:
     def _bound(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         """The call's arguments by name, defaults applied, resources left out."""
         names = self._positional
+        # a plain signature without resources, every argument given (checked against the
+        # live `params`: `nodekit.sql` takes its connection out of them after compilation)
+        if self._whole == len(self.params) and not self.resource_params:
+            if not kwargs:
+                if len(args) == self._whole:
+                    return dict(zip(names, args, strict=True))  # type: ignore[arg-type]
+            elif not args and kwargs.keys() == self._names:
+                return dict(kwargs)
         if names is not None and len(args) <= len(names):
             # the plain signature's fast path: no *args, no **kwargs, no positional-only
             arguments = dict(zip(names, args, strict=False))
@@ -273,12 +307,20 @@ class IdempotencyPlan:
     def key_for(
         self, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[RecordKey, str] | None:
-        """The record key and payload fingerprint of one call (None: optional and no key)."""
+        """The record key and payload fingerprint of one call (None: optional and no key).
+
+        The key digest is of ``dumps([namespace, scope, material])``, written as a prefix
+        fixed at decoration time (for a fixed scope) plus the material's JSON: the same text,
+        without encoding the namespace on every call.
+        """
         arguments = self._bound(args, kwargs)
         policy = self.policy
+        secret = self.secret
         try:
             if policy.key is None:
                 material: Any = arguments
+            elif self._key_arg is not None and self._key_arg in arguments:
+                material = policy.key(arguments[self._key_arg])
             else:
                 material = _call_with(policy.key, self.key_params, arguments)
             if material is None or material == "":
@@ -290,34 +332,100 @@ class IdempotencyPlan:
                     node=self.node,
                     option="idempotency.key",
                 )
-            if isinstance(material, str) and (
-                len(material) > MAX_KEY_LENGTH or not _KEY_TEXT.match(material)
-            ):
+            if isinstance(material, str) and not _valid_key_text(material):
                 raise ConfigError(
                     f"node {self.node!r}: idempotency key must be 1-{MAX_KEY_LENGTH} printable "
                     f"ASCII characters without surrounding spaces (got {len(material)} characters)",
                     node=self.node,
                     option="idempotency.key",
                 )
-            scope = policy.scope
-            if callable(scope):
-                scope = _call_with(scope, self.scope_params, arguments)
-            scope_text = "" if scope is None else str(scope)
+            prefix, scope_digest = self._key_prefix, self._scope_digest
+            if self._scope_fn is not None:  # a scope computed per call
+                scope = _call_with(self._scope_fn, self.scope_params, arguments)
+                prefix, scope_digest = self._scoped("" if scope is None else str(scope))
             if self.fields is None:
-                every = canonical(arguments)
-                fingerprint = digest(dumps(every), self.secret)
-                material = every if policy.key is None else canonical(material)
+                every = _arguments_json(arguments)
+                material_text = every if policy.key is None else _material_json(material)
             else:
                 subset = {f: arguments.get(f) for f in self.fields}
-                fingerprint = digest(dumps(canonical(subset)), self.secret)
-                material = canonical(material)
-            key_text = dumps([self.namespace, scope_text, material])
+                every = _json(canonical(subset))
+                material_text = _material_json(material)
         except TypeError as exc:
             raise ConfigError(
                 f"node {self.node!r}: {exc}", node=self.node, option="idempotency.key"
             ) from exc
-        scope_digest = digest(scope_text, self.secret)[:32] if scope_text else ""
-        return RecordKey(self.namespace, scope_digest, digest(key_text, self.secret)), fingerprint
+        key_text = prefix + material_text + "]"
+        if secret is None:
+            fingerprint = _sha256(every.encode()).hexdigest()
+            key_digest = _sha256(key_text.encode()).hexdigest()
+        else:
+            fingerprint, key_digest = digest(every, secret), digest(key_text, secret)
+        return RecordKey(self.namespace, scope_digest, key_digest), fingerprint
+
+    def _scoped(self, scope_text: str) -> tuple[str, str]:
+        """The key text's prefix for a scope (``dumps([namespace, scope])`` without its
+        closing bracket, then a comma) and the scope's digest ("" for no scope)."""
+        prefix = dumps([self.namespace, scope_text])[:-1] + ","
+        return prefix, digest(scope_text, self.secret)[:32] if scope_text else ""
+
+
+def _refuse(value: Any) -> Any:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+# `_canonical.dumps`, without building an encoder per call: json's C encoder with the same
+# options (sorted keys, no spaces, UTF-8 kept, no NaN), made once. No circular check: a
+# value `canonical()` produced is a fresh tree. `test_replay_cache.py` pins the two alike.
+_C_ENCODER: Any = getattr(json.encoder, "c_make_encoder", None)
+_C_DUMPS = (
+    _C_ENCODER(None, _refuse, json.encoder.encode_basestring, None, ":", ",", True, False, False)
+    if _C_ENCODER is not None
+    else None
+)
+
+
+def _json(canonical_value: Any) -> str:
+    """Canonical JSON text of a value `canonical()` produced (`_canonical.dumps`, faster)."""
+    if _C_DUMPS is None:  # pragma: no cover - CPython always has the C encoder
+        return dumps(canonical_value)
+    return "".join(_C_DUMPS(canonical_value, 0))
+
+
+# Values `canonical()` returns as they are (exact types only: a subclass, a float, anything
+# else takes `canonical()`'s careful path).
+_AS_IS = frozenset({str, int, bool, type(None)})
+
+
+def _arguments_json(arguments: dict[str, Any]) -> str:
+    """`_json(canonical(arguments))`, without copying the dict when every value is a plain
+    scalar (argument names are strings, so `canonical()` would return an equal dict)."""
+    for value in arguments.values():
+        if type(value) not in _AS_IS:
+            return _json(canonical(arguments))
+    if _C_DUMPS is None:  # pragma: no cover - CPython always has the C encoder
+        return dumps(arguments)
+    return "".join(_C_DUMPS(arguments, 0))
+
+
+def _material_json(material: Any) -> str:
+    """The canonical JSON of a key function's result (a string or an int without a detour)."""
+    kind = type(material)
+    if kind is str:
+        return _encode_string(material)
+    if kind is int:
+        return int.__repr__(material)
+    return _json(canonical(material))
+
+
+def _single_positional(fn: Any, names: tuple[str, ...] | None) -> str | None:
+    """The one parameter `fn` takes, if it takes exactly one, positionally or by name."""
+    if fn is None or names is None or len(names) != 1:
+        return None
+    try:
+        param = next(iter(inspect.signature(fn).parameters.values()))
+    except (TypeError, ValueError, StopIteration):  # pragma: no cover - `_picker` read it
+        return None
+    return names[0] if param.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD else None
 
 
 def _check_scope(

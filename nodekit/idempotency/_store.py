@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 __all__ = [
     "COMPLETED",
@@ -30,6 +30,7 @@ __all__ = [
     "IN_PROGRESS",
     "Acquisition",
     "AsyncStore",
+    "NotSent",
     "Record",
     "RecordKey",
     "Store",
@@ -43,11 +44,12 @@ COMPLETED = "COMPLETED"
 Clock = Callable[[], float]
 
 
-@dataclass(frozen=True, slots=True)
-class RecordKey:
+class RecordKey(NamedTuple):
     """Where a record lives: the node's namespace (name and version), a scope, a key digest.
 
-    `digest` is a SHA-256 (or HMAC) hex digest: a store never sees the raw key.
+    `digest` is a SHA-256 (or HMAC) hex digest: a store never sees the raw key. A named
+    tuple (immutable, hashed and compared in C): a keyed call builds one and looks it up
+    several times.
     """
 
     namespace: str
@@ -179,6 +181,16 @@ class AsyncStore(Protocol):
 @runtime_checkable
 class Store(SyncStore, AsyncStore, Protocol):
     """A store usable from sync and async nodes alike (every built-in store is one)."""
+
+
+class NotSent(Exception):
+    """A store operation that never left the process (no connection could be had in time,
+    the server refused to connect): the store is unchanged.
+
+    A store raises a subclass of it so that a caller whose acquire failed knows there is no
+    claim of its own to release; any other error from an acquire may be a lost reply, which
+    the caller reconciles by releasing its token.
+    """
 
 
 def wall_clock() -> float:

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import threading
+import time
+from typing import Any
 
-from ._base import acquisition, completed, holds, renewed
-from ._store import Acquisition, Clock, Record, RecordKey, wall_clock
+from ._base import FIELDS, acquisition, checked_record, completed, holds, renewed
+from ._store import COMPLETED, Acquisition, Clock, Record, RecordKey
 
 __all__ = ["MemoryStore"]
+
+# A record's place in the dict: `RecordKey`'s fields as a tuple, hashed and compared in C (a
+# `RecordKey` hashes through a generated Python `__hash__`, several times a keyed call).
+_Slot = tuple[str, str, str]
 
 
 class MemoryStore:
@@ -16,10 +22,23 @@ class MemoryStore:
     Atomic under one lock; nothing survives the process. `clock` is injectable for tests.
     """
 
+    # whether `replay_record` may answer for `acquire` (not when a subclass overrides it)
+    _inline_replay = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._inline_replay = (
+            cls.acquire is MemoryStore.acquire and cls.aacquire is MemoryStore.aacquire
+        )
+
     def __init__(self, *, clock: Clock | None = None) -> None:
-        self._records: dict[RecordKey, Record] = {}
+        self._records: dict[_Slot, Record] = {}
+        # keys whose record was planted by `_put` (tests), not written by nodekit: checked
+        # on every read, so a corrupt one raises like on every other store
+        self._planted: set[_Slot] = set()
         self._lock = threading.Lock()
-        self._clock = clock or wall_clock
+        # `time.time` itself rather than `wall_clock`, which only calls it: one call less
+        self._clock: Clock = clock or time.time
 
     def __repr__(self) -> str:
         return f"MemoryStore({len(self._records)} records)"
@@ -34,47 +53,87 @@ class MemoryStore:
         takeover: bool = True,
         token: str | None = None,
     ) -> Acquisition:
+        slot = (key.namespace, key.scope, key.digest)
         with self._lock:
             now = self._clock()
+            existing = self._records.get(slot)
+            if self._planted:
+                existing = self._read(slot)
             answer, record = acquisition(
-                key, self._records.get(key), fingerprint, now, lease, ttl, takeover, token
+                key, existing, fingerprint, now, lease, ttl, takeover, token
             )
             if record is not None:
-                self._records[key] = record
+                self._records[slot] = record
+                if self._planted:
+                    self._planted.discard(slot)
             return answer
 
     def complete(
         self, key: RecordKey, token: str, *, result: str | None, error: str | None, ttl: float
     ) -> bool:
+        slot = (key.namespace, key.scope, key.digest)
         with self._lock:
-            record = self._records.get(key)
+            record = self._records.get(slot)
             if not holds(record, token):
                 return False
-            self._records[key] = completed(record, result, error, self._clock(), ttl)
+            self._records[slot] = completed(record, result, error, self._clock(), ttl)
             return True
 
     def release(self, key: RecordKey, token: str) -> bool:
+        slot = (key.namespace, key.scope, key.digest)
         with self._lock:
-            if not holds(self._records.get(key), token):
+            if not holds(self._records.get(slot), token):
                 return False
-            del self._records[key]
+            del self._records[slot]
             return True
 
     def renew(self, key: RecordKey, token: str, *, lease: float) -> bool:
+        slot = (key.namespace, key.scope, key.digest)
         with self._lock:
-            record = self._records.get(key)
+            record = self._records.get(slot)
             if not holds(record, token):
                 return False
-            self._records[key] = renewed(record, self._clock(), lease)
+            self._records[slot] = renewed(record, self._clock(), lease)
             return True
 
     def get(self, key: RecordKey) -> Record | None:
         with self._lock:
-            return self._records.get(key)
+            return self._read((key.namespace, key.scope, key.digest))
+
+    def replay_record(self, key: RecordKey, fingerprint: str) -> Record | None:
+        """The record an acquire would refuse as a replay right now, read in process.
+
+        A completed, unexpired record of `key` for this `fingerprint` (IDEMPOTENCY.md rule 23:
+        this store *is* the in-process cache of completed records, so a `delete` or `resolve`
+        is seen at once). Anything else — absent, expired, in progress, another payload, a
+        planted record, a subclass that overrides `acquire` — is None: the claim protocol
+        decides, through `acquire`. No lock: a dict read is atomic and a record is replaced,
+        never changed in place, so the read sees the record as an acquire would, before or
+        after any concurrent write.
+        """
+        if not self._inline_replay:
+            return None
+        slot = (key.namespace, key.scope, key.digest)
+        record = self._records.get(slot)
+        if (
+            record is None
+            or record.state != COMPLETED
+            or record.fingerprint != fingerprint
+            or (self._planted and slot in self._planted)
+            or record.expires_at <= self._clock()
+        ):
+            return None
+        return record
+
+    def _read(self, slot: _Slot) -> Record | None:
+        record = self._records.get(slot)
+        if self._planted and slot in self._planted and record is not None:
+            checked_record([getattr(record, name) for name in FIELDS], repr(self))
+        return record
 
     def delete(self, key: RecordKey) -> bool:
         with self._lock:
-            return self._records.pop(key, None) is not None
+            return self._records.pop((key.namespace, key.scope, key.digest), None) is not None
 
     def close(self) -> None:
         pass
@@ -115,5 +174,6 @@ class MemoryStore:
     def _put(self, record: Record) -> None:
         """Write a record as is (tests use it to plant corrupt or foreign records)."""
         with self._lock:
-            key = RecordKey(record.namespace, record.scope, record.key_digest)
-            self._records[key] = record
+            slot = (record.namespace, record.scope, record.key_digest)
+            self._records[slot] = record
+            self._planted.add(slot)

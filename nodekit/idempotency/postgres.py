@@ -3,203 +3,109 @@
 `acquire` is one statement: ``INSERT … ON CONFLICT DO UPDATE … WHERE <acquirable>`` applies
 the same decision as every other store on the row's latest version (row-locked by PostgreSQL),
 and the same statement reads the record as it stood, so both outcomes cost one round trip
-(and a replay writes nothing).
+(and a replay writes nothing). A row nodekit never writes (an unknown state, a time that is
+NaN or infinite, an epoch below 1, an unknown format) is never acquirable: the statement
+returns it untouched and `checked_record` raises `IdempotencyCorruptRecord`.
 `complete`, `release` and `renew` are single ``UPDATE``/``DELETE`` statements conditional on
 ``(owner_token, IN_PROGRESS)``. Time is the server's (``clock_timestamp()``) unless a clock is
 injected. The schema, table and ``nodekit_meta`` are created on first use under an advisory
 lock, so many processes may start at once.
+
+Connections: the sync methods share one `psycopg_pool.ConnectionPool`; each event loop gets
+a small pool of its own (`LoopPool`), since asyncio connections belong to their loop. Every
+operation is safe to send twice (the owner token is chosen before the first try, and every
+write after the acquire is conditional on it), so an operation whose connection turns out
+broken is sent once more on a fresh connection instead of failing the call.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
-from typing import TYPE_CHECKING, Any
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .._errors import ConfigError
-from ._base import Closing, can_acquire, new_token
+from ._base import Closing, PoolTimeout, Unreachable, checked_record, new_token, pool_wait
+from ._pgpool import SLICE, Connections, LoopPool, watched
+from ._pgsql import COLUMNS, DDL_LOCK, Statements, decide, key_params
 from ._store import (
     COMPLETED,
     FORMAT_VERSION,
     IN_PROGRESS,
     Acquisition,
     Clock,
+    NotSent,
     Record,
     RecordKey,
 )
 
 if TYPE_CHECKING:
     import psycopg
+    from psycopg_pool import ConnectionPool
 
 __all__ = ["PostgresStore"]
 
-_COLUMNS = (
-    "namespace",
-    "scope",
-    "key_digest",
-    "fingerprint",
-    "state",
-    "owner_token",
-    "epoch",
-    "lease_expires_at",
-    "created_at",
-    "expires_at",
-    "result",
-    "error",
-    "format_version",
-)
+T = TypeVar("T")
 
-# one lock for every nodekit DDL in the database: concurrent CREATE … IF NOT EXISTS can fail
-_DDL_LOCK = 0x6E6F64656B6974  # "nodekit"
-
-# the store's time: the injected clock's, else the server's
-_NOW = "COALESCE(%(now)s::float8, extract(epoch from clock_timestamp())::float8)"
-
-_KEY = "namespace = %(namespace)s AND scope = %(scope)s AND key_digest = %(digest)s"
-
-_HOLDS = _KEY + " AND owner_token = %(token)s AND state = %(in_progress)s"
+# an acquire that saw the record change between its snapshot and its upsert asks again; a
+# few races in a row are possible under contention, an endless series is not
+_ACQUIRE_TRIES = 10
 
 
-class _Statements:
-    """The store's SQL, composed once with its quoted identifiers."""
-
-    def __init__(self, schema: str | None, table: str) -> None:
-        from psycopg import sql
-
-        def name(obj: str) -> sql.Identifier:
-            return sql.Identifier(schema, obj) if schema else sql.Identifier(obj)
-
-        t = name(table)
-        meta = name("nodekit_meta")
-        # to_regclass() takes the names as text, quoted like SQL
-        self.names = (t.as_string(), meta.as_string())
-        self.exists = sql.SQL("SELECT to_regclass(%s) IS NOT NULL AND to_regclass(%s) IS NOT NULL")
-        cols = sql.SQL(", ").join(sql.Identifier(c) for c in _COLUMNS)
-        self.ddl: list[sql.Composed] = []
-        if schema:
-            self.ddl.append(
-                sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema))
-            )
-        self.ddl += [
-            sql.SQL(
-                "CREATE TABLE IF NOT EXISTS {} ("
-                "namespace text NOT NULL, scope text NOT NULL, key_digest text NOT NULL, "
-                "fingerprint text NOT NULL, state text NOT NULL, owner_token text NOT NULL, "
-                "epoch bigint NOT NULL, lease_expires_at double precision NOT NULL, "
-                "created_at double precision NOT NULL, expires_at double precision NOT NULL, "
-                "result text, error text, format_version integer NOT NULL, "
-                "PRIMARY KEY (namespace, scope, key_digest))"
-            ).format(t),
-            sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (expires_at)").format(
-                sql.Identifier(f"{table}_expires"), t
-            ),
-            sql.SQL(
-                "CREATE TABLE IF NOT EXISTS {} (name text PRIMARY KEY, value text NOT NULL)"
-            ).format(meta),
-            sql.SQL(
-                "INSERT INTO {} (name, value) VALUES ('format_version', {}) "
-                "ON CONFLICT (name) DO NOTHING"
-            ).format(meta, sql.Literal(str(FORMAT_VERSION))),
-        ]
-        # `prev` is the record as the statement found it (its snapshot). If the snapshot
-        # already refuses, nothing is written (a replay is a plain read, no row lock);
-        # otherwise `up` upserts, and PostgreSQL evaluates its WHERE on the row's latest
-        # version under the row lock, so two callers never both acquire.
-        self.acquire = sql.SQL(
-            "WITH clock AS MATERIALIZED (SELECT " + _NOW + " AS now), "
-            "prev AS MATERIALIZED (SELECT {cols} FROM {t} WHERE " + _KEY + "), "
-            "up AS ("
-            " INSERT INTO {t} AS r ({cols})"
-            " SELECT %(namespace)s, %(scope)s, %(digest)s, %(fingerprint)s, %(in_progress)s,"
-            " %(token)s, 1, clock.now + %(lease)s, clock.now, clock.now + %(span)s, NULL, NULL,"
-            " %(format_version)s FROM clock"
-            " WHERE NOT EXISTS (SELECT 1 FROM prev p WHERE NOT ("
-            " p.expires_at <= clock.now OR (p.state = %(in_progress)s"
-            " AND p.lease_expires_at <= clock.now AND p.fingerprint = %(fingerprint)s"
-            " AND %(takeover)s)))"
-            " ON CONFLICT (namespace, scope, key_digest) DO UPDATE SET"
-            " fingerprint = EXCLUDED.fingerprint, state = EXCLUDED.state,"
-            " owner_token = EXCLUDED.owner_token, epoch = r.epoch + 1,"
-            " lease_expires_at = EXCLUDED.lease_expires_at, created_at = EXCLUDED.created_at,"
-            " expires_at = EXCLUDED.expires_at, result = NULL, error = NULL,"
-            " format_version = EXCLUDED.format_version"
-            " WHERE r.expires_at <= EXCLUDED.created_at"
-            " OR (r.state = %(in_progress)s AND r.lease_expires_at <= EXCLUDED.created_at"
-            " AND r.fingerprint = EXCLUDED.fingerprint AND %(takeover)s)"
-            " RETURNING {cols}) "
-            "SELECT true, clock.now, up.* FROM up, clock "
-            "UNION ALL SELECT false, clock.now, prev.* FROM prev, clock"
-        ).format(cols=cols, t=t)
-        self.complete = sql.SQL(
-            "UPDATE {t} SET state = %(completed)s, result = %(result)s, error = %(error)s,"
-            " expires_at = " + _NOW + " + %(ttl)s WHERE " + _HOLDS
-        ).format(t=t)
-        self.release = sql.SQL("DELETE FROM {t} WHERE " + _HOLDS).format(t=t)
-        self.renew = sql.SQL(
-            "WITH clock AS MATERIALIZED (SELECT " + _NOW + " AS now) "
-            "UPDATE {t} SET lease_expires_at = clock.now + %(lease)s,"
-            " expires_at = GREATEST(expires_at, clock.now + %(lease)s) FROM clock WHERE " + _HOLDS
-        ).format(t=t)
-        self.get = sql.SQL("SELECT {cols} FROM {t} WHERE " + _KEY).format(cols=cols, t=t)
-        self.delete = sql.SQL("DELETE FROM {t} WHERE " + _KEY).format(t=t)
-        self.put = sql.SQL(
-            "INSERT INTO {t} ({cols}) VALUES ({values}) ON CONFLICT (namespace, scope, key_digest)"
-            " DO UPDATE SET {sets}"
-        ).format(
-            t=t,
-            cols=cols,
-            values=sql.SQL(", ").join(sql.Placeholder(c) for c in _COLUMNS),
-            sets=sql.SQL(", ").join(
-                sql.SQL("{} = EXCLUDED.{}").format(sql.Identifier(c), sql.Identifier(c))
-                for c in _COLUMNS[3:]
-            ),
+def _seconds(value: object, option: str) -> float:
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise ConfigError(
+            f"PostgresStore {option} must be seconds (float or timedelta) >= 0, got {value!r}",
+            option=option,
         )
+    return float(value)
 
 
-def _key(key: RecordKey) -> dict[str, Any]:
-    return {"namespace": key.namespace, "scope": key.scope, "digest": key.digest}
+def _resend_failed(exc: BaseException) -> ConnectionError:
+    return ConnectionError(
+        f"PostgresStore: the connection broke during the operation and no other could be "
+        f"had to send it again ({type(exc).__name__}: {exc})"
+    )
 
 
-def _answer(rows: Sequence[Sequence[Any]], fingerprint: str, takeover: bool) -> Acquisition | None:
-    """The acquisition the statement's rows mean, or None: ask again.
-
-    Rows are ``(acquired, now, *record)``: the upserted record if this caller acquired, and
-    the record as the statement's snapshot found it. That snapshot can be older than the
-    version the upsert was decided on (a concurrent takeover, completion or release); a
-    refusal whose record would have been acquirable, or a vanished record, is such a race,
-    and asking again sees the newer version.
-    """
-    mine = prev = None
-    now = rows[0][1] if rows else 0.0
-    for acquired, _, *fields in rows:
-        if acquired:
-            mine = Record(*fields)
-        else:
-            prev = Record(*fields)
-    if mine is not None:
-        took = (
-            prev is not None
-            and prev.epoch + 1 == mine.epoch
-            and prev.state == IN_PROGRESS
-            and prev.expires_at > now
-        )
-        return Acquisition(True, mine, takeover=took, now=now)
-    if prev is None or can_acquire(prev, fingerprint, now, takeover)[0]:
-        return None
-    return Acquisition(False, prev, now=now)
+# ---------------------------------------------------------------------------- the store
 
 
 class PostgresStore(Closing):
     """Idempotency records in a PostgreSQL table (created, with its schema, if missing).
 
-    `dsn` is a libpq URL or conninfo string. The sync methods use one autocommit connection
-    per thread; the async ones one `psycopg.AsyncConnection` per event loop, so they never
-    block it. Connections open lazily and reopen after a failure. `schema` (default: the
-    connection's search path) and `table` place the records. `clock` is injectable (tests);
-    otherwise time is the server's. psycopg errors propagate.
+    `dsn` is a libpq URL or conninfo string. `schema` (default: the connection's search
+    path) and `table` place the records. `clock` is injectable (tests); otherwise time is
+    the server's.
+
+    Connections are pooled, opened lazily and kept for reuse: a store costs the server at most
+    `pool_size` connections for its sync methods (one `psycopg_pool.ConnectionPool`, shared by
+    every thread; one connection kept open while idle) plus `pool_size` per event loop that
+    uses its async methods (asyncio connections belong to their loop; a loop's connections
+    close once it has closed and another loop uses the store, or on `close`). Each connection
+    is held for one statement only, never while a node's body runs, so `pool_size` bounds the
+    store calls in flight, not the node calls.
+
+    `pool_size` (default 10): the most connections in use at once, per pool (an int ≥ 1).
+    `pool_timeout` (seconds or `timedelta`, default 30): how long an operation waits for a
+    free connection. Acquires and reads wait at most until the running node's deadline, if
+    that comes sooner, and then fail *before* anything ran (`TimeoutError`, reported by a
+    keyed call as `IdempotencyStoreError`); completions, releases and renewals wait the whole
+    `pool_timeout`, since their effect already happened. If the server refuses connections,
+    waiting callers fail at once with the connection error instead.
+
+    A connection found broken (the server restarted, an idle connection was reset) is
+    discarded, with the other idle ones, and the operation is sent once more on a fresh
+    connection: every operation is safe to send twice. The pools close on `close`/`aclose`,
+    when the store is garbage-collected, and at interpreter exit; their threads never keep
+    the process alive. psycopg errors otherwise propagate.
     """
 
     def __init__(
@@ -209,6 +115,8 @@ class PostgresStore(Closing):
         schema: str | None = None,
         table: str = "nodekit_idempotency",
         clock: Clock | None = None,
+        pool_size: int = 10,
+        pool_timeout: float | timedelta = 30.0,
     ) -> None:
         if not isinstance(dsn, str) or not dsn:
             raise ConfigError(f"PostgresStore needs a DSN string, got {dsn!r}", option="dsn")
@@ -218,22 +126,36 @@ class PostgresStore(Closing):
                     f"PostgresStore {option} must be a non-empty string, got {value!r}",
                     option=option,
                 )
+        if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1:
+            raise ConfigError(
+                f"PostgresStore pool_size must be an int >= 1, got {pool_size!r}",
+                option="pool_size",
+            )
+        try:
+            import psycopg
+            import psycopg_pool  # noqa: F401  (checked now, used on first sync call)
+        except ImportError as exc:
+            raise ConfigError(
+                f"PostgresStore needs {exc.name!r}: pip install 'nodekit[postgres]'",
+                option="dsn",
+            ) from exc
         self.dsn = dsn
         self.schema = schema
         self.table = table
+        self.pool_size = pool_size
+        self.pool_timeout = _seconds(pool_timeout, "pool_timeout")
         self._clock = clock
-        self._sql = _Statements(schema, table)
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self._sync_conns: list[psycopg.Connection[Any]] = []
-        self._async_conns: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, psycopg.AsyncConnection[Any]
-        ] = weakref.WeakKeyDictionary()
-        self._async_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
-            weakref.WeakKeyDictionary()
+        self._sql = Statements(schema, table)
+        # a connection-level failure: the connection is unusable, the server maybe fine
+        self._broken: tuple[type[Exception], ...] = (
+            psycopg.OperationalError,
+            psycopg.InterfaceError,
         )
+        self._conns = Connections()
         self._ready = False
-        self._closed = False
+        self._ready_lock = threading.Lock()
+        self._label = repr(self)
+        self._finalizer = weakref.finalize(self, self._conns.close, 1.0)
 
     def __repr__(self) -> str:
         try:
@@ -247,63 +169,195 @@ class PostgresStore(Closing):
                 f"{k}={v}" for k, v in info.items() if k in ("host", "port", "dbname", "user")
             )
         table = f"{self.schema}.{self.table}" if self.schema else self.table
-        return f"PostgresStore({where!r}, table={table!r})"
+        return f"PostgresStore({where!r}, table={table!r}, pool_size={self.pool_size})"
 
-    # ------------------------------------------------------------------ connections
+    # ------------------------------------------------------------------ sync connections
 
-    def _conn(self) -> psycopg.Connection[Any]:
-        conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
-        if conn is not None and not conn.closed:
-            return conn
+    def _pool(self) -> ConnectionPool[psycopg.Connection[Any]]:
+        conns = self._conns
+        pool = conns.sync
+        if pool is not None:
+            return pool
+        from psycopg_pool import ConnectionPool
+
+        with conns.lock:
+            if conns.closed:
+                raise RuntimeError("PostgresStore is closed")
+            if conns.sync is None:
+                pool = ConnectionPool(
+                    self.dsn,
+                    connection_class=watched(conns.health),
+                    kwargs={"autocommit": True},
+                    min_size=1,
+                    max_size=self.pool_size,
+                    open=False,
+                    name="nodekit-postgres",
+                    timeout=self.pool_timeout,
+                    # a failed connection attempt is not retried in the background (it would
+                    # back off for seconds): the next caller that needs a connection retries
+                    reconnect_timeout=0.0,
+                    num_workers=2,
+                )
+                pool.open(wait=False)
+                conns.sync = pool
+            return conns.sync
+
+    def _checkout(
+        self, pool: ConnectionPool[psycopg.Connection[Any]], bounded: bool
+    ) -> psycopg.Connection[Any]:
+        """A connection from the pool, waiting at most `pool_wait(pool_timeout)` seconds."""
+        import psycopg_pool
+
+        wait = max(0.0, pool_wait(self.pool_timeout, bounded=bounded))
+        start = time.monotonic()
+        deadline = start + wait
+        while True:
+            try:
+                return pool.getconn(max(0.0, min(deadline - time.monotonic(), SLICE)))
+            except psycopg_pool.PoolTimeout:
+                failed = self._conns.health.since(start)
+                if failed is not None:
+                    raise Unreachable(
+                        f"PostgresStore: cannot connect to the server: {failed}"
+                    ) from failed
+                if time.monotonic() >= deadline:
+                    raise PoolTimeout(
+                        f"PostgresStore: no free connection among {self.pool_size} "
+                        f"within {wait:.3g} s"
+                    ) from None
+
+    def _run(
+        self,
+        op: Callable[[psycopg.Connection[Any]], T],
+        *,
+        bounded: bool,
+    ) -> T:
+        """`op` on a pooled connection; sent once more on a fresh one if it was broken."""
+        pool = self._pool()
+        conn = self._checkout(pool, bounded)
+        try:
+            return self._once(conn, op)
+        except self._broken:
+            if not conn.closed:
+                raise
+        finally:
+            pool.putconn(conn)
+        pool.drain()  # the other connections were most likely cut too: never reuse them
+        try:
+            conn = self._checkout(pool, bounded)
+        except NotSent as exc:  # the first send may have landed: not "nothing was sent"
+            raise _resend_failed(exc) from exc
+        try:
+            return self._once(conn, op)
+        finally:
+            pool.putconn(conn)
+
+    def _once(self, conn: psycopg.Connection[Any], op: Callable[[psycopg.Connection[Any]], T]) -> T:
+        if not self._ready:
+            with self._ready_lock:
+                if not self._ready:
+                    row = conn.execute(self._sql.exists, self._sql.names).fetchone()
+                    if not (row and row[0]):
+                        with conn.transaction():
+                            conn.execute("SELECT pg_advisory_xact_lock(%s)", (DDL_LOCK,))
+                            for statement in self._sql.ddl:
+                                conn.execute(statement)
+                    self._ready = True
+        return op(conn)
+
+    # ------------------------------------------------------------------ async connections
+
+    async def _arun(
+        self,
+        op: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]],
+        *,
+        bounded: bool,
+    ) -> T:
+        """`op` on a connection of this loop's pool; sent once more on a fresh one if broken."""
+        pool, conn = await self._acheckout(bounded)
+        slots = pool.slots
+        try:
+            try:
+                return await self._aonce(conn, op)
+            except self._broken:
+                if not conn.closed:
+                    raise
+            finally:
+                pool.keep(conn)
+            pool.drain()  # the other connections were most likely cut too
+            try:
+                conn = await self._aconnect(pool)
+            except Exception as exc:  # the first send may have landed
+                raise _resend_failed(exc) from exc
+            try:
+                return await self._aonce(conn, op)
+            finally:
+                pool.keep(conn)
+        finally:
+            slots.release()
+
+    async def _acheckout(self, bounded: bool) -> tuple[LoopPool, psycopg.AsyncConnection[Any]]:
+        """A slot of this loop's pool and a connection in it, waiting at most
+        `pool_wait(pool_timeout)` seconds for the slot."""
+        loop = asyncio.get_running_loop()
+        pool = self._conns.loops.get(loop)
+        if pool is None or pool.closed:
+            pool = self._conns.loop_pool(loop, self.pool_size)
+        slots = pool.slots
+        if slots.locked():
+            wait = max(0.0, pool_wait(self.pool_timeout, bounded=bounded))
+            try:
+                async with asyncio.timeout(wait):
+                    await slots.acquire()
+            except TimeoutError:
+                raise PoolTimeout(
+                    f"PostgresStore: no free connection among {self.pool_size} within {wait:.3g} s"
+                ) from None
+        else:
+            await slots.acquire()
+        try:
+            conn = pool.idle.pop() if pool.idle else await self._aconnect(pool)
+        except self._broken as exc:
+            slots.release()
+            raise Unreachable(f"PostgresStore: cannot connect to the server: {exc}") from exc
+        except BaseException:
+            slots.release()
+            raise
+        return pool, conn
+
+    async def _aconnect(self, pool: LoopPool) -> psycopg.AsyncConnection[Any]:
         import psycopg
 
-        if self._closed:
+        if pool.closed:
             raise RuntimeError("PostgresStore is closed")
-        conn = psycopg.connect(self.dsn, autocommit=True)
-        with self._lock:
-            self._sync_conns = [c for c in self._sync_conns if not c.closed]
-            self._sync_conns.append(conn)
-        self._local.conn = conn
-        if not self._ready:
-            row = conn.execute(self._sql.exists, self._sql.names).fetchone()
-            if not (row and row[0]):
-                with conn.transaction():
-                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_DDL_LOCK,))
-                    for statement in self._sql.ddl:
-                        conn.execute(statement)
-            self._ready = True
+        # shielded: a caller cancelled mid-connect leaves the connection to the pool, not
+        # half-open for the garbage collector
+        task = asyncio.ensure_future(psycopg.AsyncConnection.connect(self.dsn, autocommit=True))
+        try:
+            conn = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(pool.adopt)
+            raise
+        pool.add(conn)
         return conn
 
-    async def _aconn(self) -> psycopg.AsyncConnection[Any]:
-        loop = asyncio.get_running_loop()
-        conn = self._async_conns.get(loop)
-        if conn is not None and not conn.closed:
-            return conn
-        lock = self._async_locks.setdefault(loop, asyncio.Lock())
-        async with lock:
-            conn = self._async_conns.get(loop)
-            if conn is not None and not conn.closed:
-                return conn
-            import psycopg
+    async def _aonce(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        op: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]],
+    ) -> T:
+        if not self._ready:  # concurrent first calls may all check: the DDL is idempotent
+            cur = await conn.execute(self._sql.exists, self._sql.names)
+            row = await cur.fetchone()
+            if not (row and row[0]):
+                async with conn.transaction():
+                    await conn.execute("SELECT pg_advisory_xact_lock(%s)", (DDL_LOCK,))
+                    for statement in self._sql.ddl:
+                        await conn.execute(statement)
+            self._ready = True
+        return await op(conn)
 
-            if self._closed:
-                raise RuntimeError("PostgresStore is closed")
-            conn = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
-            if not self._ready:
-                try:
-                    cur = await conn.execute(self._sql.exists, self._sql.names)
-                    row = await cur.fetchone()
-                    if not (row and row[0]):
-                        async with conn.transaction():
-                            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_DDL_LOCK,))
-                            for statement in self._sql.ddl:
-                                await conn.execute(statement)
-                except BaseException:
-                    await conn.close()
-                    raise
-                self._ready = True
-            self._async_conns[loop] = conn
-            return conn
+    # ------------------------------------------------------------------ parameters
 
     def _now(self) -> float | None:
         return None if self._clock is None else float(self._clock())
@@ -318,14 +372,16 @@ class PostgresStore(Closing):
         token: str | None,
     ) -> dict[str, Any]:
         return {
-            **_key(key),
+            **key_params(key),
             "now": self._now(),
             "fingerprint": fingerprint,
+            # chosen once: an acquire sent again (a broken connection) names the same owner
             "token": token or new_token(),
             "lease": float(lease),
             "span": float(max(ttl, lease)),
             "takeover": bool(takeover),
             "in_progress": IN_PROGRESS,
+            "completed": COMPLETED,
             "format_version": FORMAT_VERSION,
         }
 
@@ -333,7 +389,7 @@ class PostgresStore(Closing):
         self, key: RecordKey, token: str, result: str | None, error: str | None, ttl: float
     ) -> dict[str, Any]:
         return {
-            **_key(key),
+            **key_params(key),
             "now": self._now(),
             "token": token,
             "in_progress": IN_PROGRESS,
@@ -344,7 +400,12 @@ class PostgresStore(Closing):
         }
 
     def _holds_params(self, key: RecordKey, token: str, **extra: Any) -> dict[str, Any]:
-        return {**_key(key), "token": token, "in_progress": IN_PROGRESS, **extra}
+        return {**key_params(key), "token": token, "in_progress": IN_PROGRESS, **extra}
+
+    def _unsettled(self) -> RuntimeError:
+        return RuntimeError(
+            f"{self._label}: the record changed under {_ACQUIRE_TRIES} acquires in a row"
+        )
 
     # ------------------------------------------------------------------ sync protocol
 
@@ -358,44 +419,54 @@ class PostgresStore(Closing):
         takeover: bool = True,
         token: str | None = None,
     ) -> Acquisition:
-        conn = self._conn()
-        while True:
-            params = self._acquire_params(key, fingerprint, lease, ttl, takeover, token)
-            rows = conn.execute(self._sql.acquire, params).fetchall()
-            answer = _answer(rows, fingerprint, takeover)
-            if answer is not None:
-                return answer
+        params = self._acquire_params(key, fingerprint, lease, ttl, takeover, token)
+        statement, label = self._sql.acquire, self._label
+
+        def op(conn: psycopg.Connection[Any]) -> Acquisition:
+            for _ in range(_ACQUIRE_TRIES):
+                rows = conn.execute(statement, params).fetchall()
+                answer = decide(rows, fingerprint, takeover, label)
+                if answer is not None:
+                    return answer
+            raise self._unsettled()
+
+        return self._run(op, bounded=True)
 
     def complete(
         self, key: RecordKey, token: str, *, result: str | None, error: str | None, ttl: float
     ) -> bool:
         params = self._complete_params(key, token, result, error, ttl)
-        return self._conn().execute(self._sql.complete, params).rowcount == 1
+        return self._write(self._sql.complete, params)
 
     def release(self, key: RecordKey, token: str) -> bool:
-        params = self._holds_params(key, token)
-        return self._conn().execute(self._sql.release, params).rowcount == 1
+        return self._write(self._sql.release, self._holds_params(key, token))
 
     def renew(self, key: RecordKey, token: str, *, lease: float) -> bool:
         params = self._holds_params(key, token, now=self._now(), lease=float(lease))
-        return self._conn().execute(self._sql.renew, params).rowcount == 1
+        return self._write(self._sql.renew, params)
 
     def get(self, key: RecordKey) -> Record | None:
-        row = self._conn().execute(self._sql.get, _key(key)).fetchone()
-        return None if row is None else Record(*row)
+        statement = self._sql.get
+        row = self._run(
+            lambda conn: conn.execute(statement, key_params(key)).fetchone(), bounded=True
+        )
+        return None if row is None else checked_record(row, self._label)
 
     def delete(self, key: RecordKey) -> bool:
-        return self._conn().execute(self._sql.delete, _key(key)).rowcount == 1
+        return self._write(self._sql.delete, key_params(key))
+
+    def _write(self, statement: Any, params: dict[str, Any]) -> bool:
+        """One conditional write (not bounded by the node's deadline): did it change a row?"""
+        return self._run(lambda conn: conn.execute(statement, params).rowcount == 1, bounded=False)
 
     def close(self) -> None:
-        """Close the sync connections (async ones close in `aclose`, in their loop)."""
-        with self._lock:
-            self._closed = True
-            conns, self._sync_conns = self._sync_conns, []
-        for conn in conns:
-            with suppress(Exception):
-                conn.close()
-        self._local = threading.local()
+        """Close the pools: idle connections now, those in use when they come back.
+
+        Later calls raise `RuntimeError`. Another event loop's idle connections close in
+        that loop's thread (or now, if it is not running).
+        """
+        self._finalizer.detach()
+        self._conns.close()
 
     # ------------------------------------------------------------------ async protocol
 
@@ -409,54 +480,66 @@ class PostgresStore(Closing):
         takeover: bool = True,
         token: str | None = None,
     ) -> Acquisition:
-        conn = await self._aconn()
-        while True:
-            params = self._acquire_params(key, fingerprint, lease, ttl, takeover, token)
-            cur = await conn.execute(self._sql.acquire, params)
-            answer = _answer(await cur.fetchall(), fingerprint, takeover)
-            if answer is not None:
-                return answer
+        params = self._acquire_params(key, fingerprint, lease, ttl, takeover, token)
+        statement, label = self._sql.acquire, self._label
+
+        async def op(conn: psycopg.AsyncConnection[Any]) -> Acquisition:
+            for _ in range(_ACQUIRE_TRIES):
+                cur = await conn.execute(statement, params)
+                answer = decide(await cur.fetchall(), fingerprint, takeover, label)
+                if answer is not None:
+                    return answer
+            raise self._unsettled()
+
+        return await self._arun(op, bounded=True)
 
     async def acomplete(
         self, key: RecordKey, token: str, *, result: str | None, error: str | None, ttl: float
     ) -> bool:
         params = self._complete_params(key, token, result, error, ttl)
-        conn = await self._aconn()
-        return (await conn.execute(self._sql.complete, params)).rowcount == 1
+        return await self._awrite(self._sql.complete, params)
 
     async def arelease(self, key: RecordKey, token: str) -> bool:
-        params = self._holds_params(key, token)
-        conn = await self._aconn()
-        return (await conn.execute(self._sql.release, params)).rowcount == 1
+        return await self._awrite(self._sql.release, self._holds_params(key, token))
 
     async def arenew(self, key: RecordKey, token: str, *, lease: float) -> bool:
         params = self._holds_params(key, token, now=self._now(), lease=float(lease))
-        conn = await self._aconn()
-        return (await conn.execute(self._sql.renew, params)).rowcount == 1
+        return await self._awrite(self._sql.renew, params)
 
     async def aget(self, key: RecordKey) -> Record | None:
-        conn = await self._aconn()
-        row = await (await conn.execute(self._sql.get, _key(key))).fetchone()
-        return None if row is None else Record(*row)
+        statement = self._sql.get
+
+        async def op(conn: psycopg.AsyncConnection[Any]) -> tuple[Any, ...] | None:
+            return await (await conn.execute(statement, key_params(key))).fetchone()
+
+        row = await self._arun(op, bounded=True)
+        return None if row is None else checked_record(row, self._label)
 
     async def adelete(self, key: RecordKey) -> bool:
-        conn = await self._aconn()
-        return (await conn.execute(self._sql.delete, _key(key))).rowcount == 1
+        return await self._awrite(self._sql.delete, key_params(key))
+
+    async def _awrite(self, statement: Any, params: dict[str, Any]) -> bool:
+        async def op(conn: psycopg.AsyncConnection[Any]) -> bool:
+            return (await conn.execute(statement, params)).rowcount == 1
+
+        return await self._arun(op, bounded=False)
 
     async def aclose(self) -> None:
-        """Close this loop's async connection and the sync ones.
-
-        An async connection belongs to the loop that opened it; one opened in another loop
-        must be closed there (call `aclose` from it).
-        """
-        conn = self._async_conns.pop(asyncio.get_running_loop(), None)
-        if conn is not None:
-            await conn.close()
+        """Close the store: this loop's idle connections here, the rest as `close` does."""
+        pool = self._conns.loops.get(asyncio.get_running_loop())
+        if pool is not None:
+            pool.closed = True
+            idle, pool.idle = pool.idle, []
+            for conn in idle:
+                pool.conns.pop(conn, None)
+                with suppress(Exception):
+                    await conn.close()
         await asyncio.to_thread(self.close)
 
     # ------------------------------------------------------------------ tests
 
     def _put(self, record: Record) -> None:
         """Write a record as is (tests use it to plant corrupt or foreign records)."""
-        params = {c: getattr(record, c) for c in _COLUMNS}
-        self._conn().execute(self._sql.put, params)
+        params = {c: getattr(record, c) for c in COLUMNS}
+        statement = self._sql.put
+        self._run(lambda conn: conn.execute(statement, params), bounded=False)

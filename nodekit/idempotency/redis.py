@@ -7,20 +7,35 @@ epoch, or returns the existing record untouched; `complete`, `release` and `rene
 compare-and-set on ``(owner_token, IN_PROGRESS)``. Time is the server's (``TIME``) unless a
 clock is injected. The key's own expiry (``PEXPIRE``) is garbage collection only: it is set a
 minute past the record's expiry, which nodekit decides itself.
+
+Every operation first takes one of the store's `pool_size` slots (a semaphore in front of
+redis-py's blocking pool of as many connections), so the pool itself never makes a caller
+wait, and the wait for a slot is bounded by the node's deadline (`_base.pool_wait`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import threading
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from .._errors import ConfigError
-from ._base import Closing, new_token
+from ._base import Closing, PoolTimeout, new_token, pool_wait, record_from_fields
+from ._redis_clients import (
+    Clients,
+    Scripts,
+    close_with_loop,
+    durability_asked,
+    report_durability,
+    server_of,
+    text,
+)
 from ._store import FORMAT_VERSION, Acquisition, Clock, Record, RecordKey
 
 if TYPE_CHECKING:
@@ -29,145 +44,9 @@ if TYPE_CHECKING:
 
 __all__ = ["RedisStore"]
 
-# Lua numbers are doubles; "%.17g" writes them back so that Python reads the same float.
-_PRELUDE = """
-local function fmt(x) return string.format('%.17g', x) end
-local function clock(arg)
-  if arg ~= '' then return tonumber(arg) end
-  local t = redis.call('TIME')
-  return tonumber(t[1]) + tonumber(t[2]) / 1000000
-end
-local function gc(key, seconds)
-  redis.call('PEXPIRE', key, string.format('%d', math.ceil((seconds + 60) * 1000)))
-end
-"""
-
-# KEYS: record. ARGV: fingerprint, token, lease, ttl, takeover (1/0), now ('' = server TIME),
-# namespace, scope, digest, format_version.
-# Returns {acquired, takeover, now, the record's fields as a JSON object} (one bulk string
-# parses much faster in redis-py than a nested array).
-_ACQUIRE = (
-    _PRELUDE
-    + """
-local now = clock(ARGV[6])
-local lease = tonumber(ARGV[3])
-local ttl = tonumber(ARGV[4])
-local flat = redis.call('HGETALL', KEYS[1])
-local took = 0
-local epoch = 1
-if #flat > 0 then
-  local h = {}
-  for i = 1, #flat, 2 do h[flat[i]] = flat[i + 1] end
-  if tonumber(h['expires_at']) > now then
-    if ARGV[5] == '1' and h['state'] == 'IN_PROGRESS'
-        and tonumber(h['lease_expires_at']) <= now and h['fingerprint'] == ARGV[1] then
-      took = 1
-    else
-      return {0, 0, fmt(now), cjson.encode(h)}
-    end
-  end
-  epoch = tonumber(h['epoch']) + 1
-end
-local span = math.max(ttl, lease)
-local record = {
-  namespace = ARGV[7], scope = ARGV[8], key_digest = ARGV[9], fingerprint = ARGV[1],
-  state = 'IN_PROGRESS', owner_token = ARGV[2], epoch = string.format('%d', epoch),
-  lease_expires_at = fmt(now + lease), created_at = fmt(now), expires_at = fmt(now + span),
-  format_version = ARGV[10]}
-local fields = {}
-for name, value in pairs(record) do
-  fields[#fields + 1] = name
-  fields[#fields + 1] = value
-end
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], unpack(fields))
-gc(KEYS[1], span)
-return {1, took, fmt(now), cjson.encode(record)}
-"""
-)
-
-# KEYS: record. ARGV: token, ttl, now, has result (1/0), result, has error (1/0), error.
-_COMPLETE = (
-    _PRELUDE
-    + """
-local h = redis.call('HMGET', KEYS[1], 'state', 'owner_token', 'lease_expires_at')
-if h[1] ~= 'IN_PROGRESS' or h[2] ~= ARGV[1] then return 0 end
-local now = clock(ARGV[3])
-local expires_at = now + tonumber(ARGV[2])
-redis.call('HSET', KEYS[1], 'state', 'COMPLETED', 'expires_at', fmt(expires_at))
-if ARGV[4] == '1' then redis.call('HSET', KEYS[1], 'result', ARGV[5])
-else redis.call('HDEL', KEYS[1], 'result') end
-if ARGV[6] == '1' then redis.call('HSET', KEYS[1], 'error', ARGV[7])
-else redis.call('HDEL', KEYS[1], 'error') end
-gc(KEYS[1], math.max(expires_at, tonumber(h[3])) - now)
-return 1
-"""
-)
-
-# KEYS: record. ARGV: token.
-_RELEASE = """
-local h = redis.call('HMGET', KEYS[1], 'state', 'owner_token')
-if h[1] ~= 'IN_PROGRESS' or h[2] ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1])
-return 1
-"""
-
-# KEYS: record. ARGV: token, lease, now.
-_RENEW = (
-    _PRELUDE
-    + """
-local h = redis.call('HMGET', KEYS[1], 'state', 'owner_token', 'expires_at')
-if h[1] ~= 'IN_PROGRESS' or h[2] ~= ARGV[1] then return 0 end
-local now = clock(ARGV[3])
-local lease_at = now + tonumber(ARGV[2])
-local expires_at = math.max(tonumber(h[3]), lease_at)
-redis.call('HSET', KEYS[1], 'lease_expires_at', fmt(lease_at), 'expires_at', fmt(expires_at))
-gc(KEYS[1], expires_at - now)
-return 1
-"""
-)
-
-_SOURCES = (_ACQUIRE, _COMPLETE, _RELEASE, _RENEW)
-
-
-def _text(value: Any) -> str:
-    # undecodable bytes survive as surrogates, so a corrupt value fails decoding later
-    # (IdempotencyCorruptRecord) instead of being silently altered here
-    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)
-
-
-def _record(fields: Mapping[str, str]) -> Record:
-    return Record(
-        namespace=fields["namespace"],
-        scope=fields["scope"],
-        key_digest=fields["key_digest"],
-        fingerprint=fields["fingerprint"],
-        state=fields["state"],
-        owner_token=fields["owner_token"],
-        epoch=int(fields["epoch"]),
-        lease_expires_at=float(fields["lease_expires_at"]),
-        created_at=float(fields["created_at"]),
-        expires_at=float(fields["expires_at"]),
-        result=fields.get("result"),
-        error=fields.get("error"),
-        format_version=int(fields.get("format_version", FORMAT_VERSION)),
-    )
-
-
-def _from_hash(raw: Mapping[Any, Any]) -> Record | None:
-    if not raw:
-        return None
-    return _record({_text(k): _text(v) for k, v in raw.items()})
-
-
-def _acquisition(reply: Sequence[Any]) -> Acquisition:
-    acquired, took, now, fields = reply
-    return Acquisition(
-        bool(int(acquired)),
-        _record(json.loads(_text(fields))),
-        takeover=bool(int(took)),
-        now=float(_text(now)),
-    )
+# A ping before a command on a connection idle this long (s): a connection the server or a
+# firewall dropped meanwhile is found and replaced before the command is sent on it.
+HEALTH_CHECK_INTERVAL = 30
 
 
 def _redact(url: str) -> str:
@@ -183,26 +62,52 @@ def _flag(value: bool) -> str:
     return "1" if value else "0"
 
 
-class _Scripts:
-    """The four scripts bound to one client (sync or async)."""
-
-    __slots__ = ("acquire", "client", "complete", "release", "renew")
-
-    def __init__(self, client: Any) -> None:
-        self.client = client
-        self.acquire, self.complete, self.release, self.renew = (
-            client.register_script(source) for source in _SOURCES
+def _seconds(value: Any, option: str, *, allow_none: bool) -> float | None:
+    """A time option as float seconds (a float, an int or a timedelta), else `ConfigError`."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(
+            f"RedisStore {option} must be seconds (float) or a timedelta, got {value!r}",
+            option=option,
         )
+    if not (math.isfinite(value) and value >= 0):
+        raise ConfigError(
+            f"RedisStore {option} must be a finite time of 0 s or more, got {value!r}",
+            option=option,
+        )
+    return float(value)
 
 
 class RedisStore(Closing):
     """Idempotency records in Redis, safe across threads, tasks, processes and hosts.
 
     `url` is a redis-py URL (``redis://``, ``rediss://``, ``unix://``); clients are created
-    from it lazily: one sync client (thread safe, pooled) and one asyncio client per event
-    loop. Pass `client` / `async_client` to use your own: the store never closes those.
-    `prefix` namespaces the keys. `clock` is injectable (tests); otherwise time is Redis's.
-    Redis errors propagate as redis-py exceptions.
+    from it lazily: one sync client (thread safe) and one asyncio client per event loop, each
+    with a blocking pool of at most `pool_size` connections. An asyncio client closes when its
+    loop shuts down (``asyncio.run`` does that), or in `aclose`. Pass `client` /
+    `async_client` to use your own: the store never closes those. `prefix` namespaces the
+    keys. `clock` is injectable (tests); otherwise time is Redis's.
+
+    - `pool_size` (default 20): connections per client, and operations in flight on it; more
+      callers wait their turn instead of failing (with your own client, it caps the store's
+      operations on it).
+    - `pool_timeout` (seconds or timedelta, default 30): the longest wait for a free
+      connection. An acquire or a read waits no longer than the node's remaining deadline
+      either: if none frees up in time it fails before anything ran (the call raises
+      `IdempotencyStoreError`). Completion, release and renewal wait the whole
+      `pool_timeout`: the effect happened and its outcome must be recorded if at all possible.
+    - `socket_timeout` (default 10 s) and `socket_connect_timeout` (default 5 s) bound one
+      read and one connect (None: no limit); a URL's own ``?socket_timeout=`` wins.
+
+    A broken connection (server restart, idle reset, a timeout) is replaced and the operation
+    sent once more: every operation is safe to send twice, since the caller's owner token
+    tells its own claim apart. Scripts are loaded again after a server restart. On first use
+    the store checks that the server keeps its data on disk and warns once per server
+    (`NodekitWarning`) if it does not. Redis errors propagate as redis-py exceptions; a
+    record nodekit would never write raises `IdempotencyCorruptRecord` and is left as is.
     """
 
     def __init__(
@@ -213,6 +118,10 @@ class RedisStore(Closing):
         clock: Clock | None = None,
         client: redis.Redis | None = None,
         async_client: redis.asyncio.Redis | None = None,
+        pool_size: int = 20,
+        pool_timeout: float | timedelta = 30.0,
+        socket_timeout: float | timedelta | None = 10.0,
+        socket_connect_timeout: float | timedelta | None = 5.0,
     ) -> None:
         if url is None and (client is None or async_client is None):
             raise ConfigError(
@@ -223,22 +132,30 @@ class RedisStore(Closing):
             raise ConfigError(
                 f"RedisStore prefix must be a string, got {prefix!r}", option="prefix"
             )
+        if type(pool_size) is not int or pool_size < 1:
+            raise ConfigError(
+                f"RedisStore pool_size must be an integer of 1 or more, got {pool_size!r}",
+                option="pool_size",
+            )
         self.url = url
         self.prefix = prefix
+        self.pool_size = pool_size
+        self.pool_timeout: float = _seconds(pool_timeout, "pool_timeout", allow_none=False) or 0.0
+        self.socket_timeout = _seconds(socket_timeout, "socket_timeout", allow_none=True)
+        self.socket_connect_timeout = _seconds(
+            socket_connect_timeout, "socket_connect_timeout", allow_none=True
+        )
         self._clock = clock
         self._lock = threading.Lock()
-        self._given = client
         self._given_async = async_client
-        self._sync: _Scripts | None = None if client is None else _Scripts(client)
-        self._given_async_scripts: _Scripts | None = (
-            None if async_client is None else _Scripts(async_client)
-        )
-        # event loop -> scripts on an asyncio client created (and owned) for that loop
-        self._async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Scripts] = (
-            weakref.WeakKeyDictionary()
-        )
-        self._meta_done = False
+        self._clients = Clients()
+        if client is not None:
+            self._clients.sync = Scripts(client, self._sync_slots(), owned=False)
+        self._prepared = False  # the first-use step (format version, durability) is done
+        self._preparing = False  # ... or under way in some caller
         self._closed = False
+        self._name = repr(self)  # names the store in IdempotencyCorruptRecord
+        weakref.finalize(self, self._clients.close)
 
     def __repr__(self) -> str:
         where = _redact(self.url) if self.url is not None else "<client>"
@@ -246,42 +163,152 @@ class RedisStore(Closing):
 
     # ------------------------------------------------------------------ clients
 
-    def _scripts(self) -> _Scripts:
-        scripts = self._sync
-        if scripts is None:
-            with self._lock:
+    def _sync_slots(self) -> threading.BoundedSemaphore:
+        return threading.BoundedSemaphore(self.pool_size)
+
+    def _pool_options(self, parse_url: Callable[[str], Mapping[str, Any]]) -> dict[str, Any]:
+        """The pool's keyword arguments: the store's defaults, then the URL's own (they win),
+        then the pool size (the slots count on it)."""
+        assert self.url is not None
+        options: dict[str, Any] = {
+            "socket_timeout": self.socket_timeout,
+            "socket_connect_timeout": self.socket_connect_timeout,
+            "health_check_interval": HEALTH_CHECK_INTERVAL,
+            "timeout": self.pool_timeout,
+        }
+        options.update(parse_url(self.url))
+        options["max_connections"] = self.pool_size
+        return options
+
+    def _scripts(self) -> Scripts:
+        """The sync client (made on first use) with its scripts and slots."""
+        scripts = self._clients.sync
+        if scripts is not None:
+            return scripts
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.connection import parse_url
+        from redis.retry import Retry
+
+        with self._clients.lock:
+            if self._clients.sync is None:
                 if self._closed:
                     raise RuntimeError("RedisStore is closed")
-                if self._sync is None:
-                    import redis
+                pool_class: Any = redis.BlockingConnectionPool  # untyped __init__
+                pool = pool_class(**self._pool_options(parse_url), retry=Retry(NoBackoff(), 1))
+                client = redis.Redis(connection_pool=pool)
+                self._clients.sync = Scripts(client, self._sync_slots(), owned=True)
+            return self._clients.sync
 
-                    assert self.url is not None
-                    self._sync = _Scripts(redis.Redis.from_url(self.url))
-                scripts = self._sync
-        if not self._meta_done:
-            scripts.client.hsetnx(self._meta_key, "format_version", FORMAT_VERSION)
-            self._meta_done = True
-        return scripts
+    async def _ascripts(self) -> Scripts:
+        """This event loop's client (made on first use) with its scripts and slots."""
+        loop = asyncio.get_running_loop()
+        scripts = self._clients.loops.get(loop)
+        if scripts is not None:
+            return scripts
+        import redis.asyncio
+        from redis.asyncio.connection import parse_url
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
 
-    async def _ascripts(self) -> _Scripts:
-        scripts = self._given_async_scripts
-        if scripts is None:
-            loop = asyncio.get_running_loop()
-            scripts = self._async.get(loop)
+        clients = self._clients
+        watch = None
+        with clients.lock:
+            if self._closed:
+                raise RuntimeError("RedisStore is closed")
+            clients.sweep()
+            scripts = clients.loops.get(loop)
             if scripts is None:
-                import redis.asyncio
-
-                with self._lock:
-                    if self._closed:
-                        raise RuntimeError("RedisStore is closed")
-                    assert self.url is not None
-                    scripts = self._async.setdefault(
-                        loop, _Scripts(redis.asyncio.Redis.from_url(self.url))
-                    )
-        if not self._meta_done:
-            await scripts.client.hsetnx(self._meta_key, "format_version", FORMAT_VERSION)
-            self._meta_done = True
+                slots = asyncio.Semaphore(self.pool_size)
+                if self._given_async is not None:
+                    scripts = Scripts(self._given_async, slots, owned=False)
+                else:
+                    pool_class: Any = redis.asyncio.BlockingConnectionPool  # untyped __init__
+                    pool = pool_class(**self._pool_options(parse_url), retry=Retry(NoBackoff(), 1))
+                    client = redis.asyncio.Redis(connection_pool=pool)
+                    scripts = Scripts(client, slots, owned=True)
+                    scripts.watch = watch = close_with_loop(clients, loop, scripts)
+                clients.loops[loop] = scripts
+        if watch is not None:
+            await anext(watch)  # to its `yield`, which registers it with the loop
         return scripts
+
+    # ------------------------------------------------------------------ slots
+
+    def _enter(self, bounded: bool) -> Scripts:
+        """Take a slot of the sync client (the caller releases it); first use prepared."""
+        scripts = self._scripts()
+        slots = scripts.slots
+        if not slots.acquire(blocking=False):
+            wait = max(pool_wait(self.pool_timeout, bounded=bounded), 0.0)
+            if not slots.acquire(timeout=wait):
+                raise self._no_slot(wait)
+        if not self._prepared and self._first():
+            try:
+                with scripts.client.pipeline(transaction=False) as pipe:
+                    replies = self._prepare(scripts, pipe).execute(raise_on_error=False)
+                self._prepared_with(scripts, replies)  # may warn (an error under -W error)
+            except BaseException:
+                self._preparing = False
+                slots.release()
+                raise
+        return scripts
+
+    async def _aenter(self, bounded: bool) -> Scripts:
+        """Take a slot of this loop's client (the caller releases it); first use prepared."""
+        scripts = await self._ascripts()
+        slots = scripts.slots
+        if slots.locked():
+            wait = pool_wait(self.pool_timeout, bounded=bounded)
+            try:
+                async with asyncio.timeout(wait):
+                    await slots.acquire()
+            except TimeoutError:
+                raise self._no_slot(wait) from None
+        else:
+            await slots.acquire()  # a free slot: returns at once
+        if not self._prepared and self._first():
+            try:
+                async with scripts.client.pipeline(transaction=False) as pipe:
+                    replies = await self._prepare(scripts, pipe).execute(raise_on_error=False)
+                self._prepared_with(scripts, replies)
+            except BaseException:
+                self._preparing = False
+                slots.release()
+                raise
+        return scripts
+
+    def _no_slot(self, wait: float) -> PoolTimeout:
+        return PoolTimeout(
+            f"RedisStore: no free connection among {self.pool_size} within {wait:.3g} s "
+            f"(pool_timeout={self.pool_timeout:g} s, or less: the node's deadline)"
+        )
+
+    # ------------------------------------------------------------------ first use
+
+    def _first(self) -> bool:
+        """Whether this caller makes the first-use step (one caller does; others go on)."""
+        with self._lock:
+            if self._prepared or self._preparing:
+                return False
+            self._preparing = True
+            return True
+
+    def _prepare(self, scripts: Scripts, pipe: Any) -> Any:
+        """Queue the first-use commands (one round trip): the records' format version, and
+        whether the server keeps anything on disk, unless this process asked it already."""
+        pipe.hsetnx(self._meta_key, "format_version", FORMAT_VERSION)
+        if not durability_asked(server_of(scripts.client)):
+            pipe.config_get("appendonly")
+            pipe.config_get("save")
+        return pipe
+
+    def _prepared_with(self, scripts: Scripts, replies: Sequence[Any]) -> None:
+        self._prepared = True
+        if len(replies) == 3:
+            report_durability(server_of(scripts.client), replies[1], replies[2])
+
+    # ------------------------------------------------------------------ arguments, replies
 
     @property
     def _meta_key(self) -> str:
@@ -294,17 +321,11 @@ class RedisStore(Closing):
         return "" if self._clock is None else repr(float(self._clock()))
 
     def _acquire_args(
-        self,
-        key: RecordKey,
-        fingerprint: str,
-        lease: float,
-        ttl: float,
-        takeover: bool,
-        token: str | None,
+        self, key: RecordKey, fingerprint: str, lease: float, ttl: float, takeover: bool, token: str
     ) -> list[str | int]:
         return [
             fingerprint,
-            token or new_token(),
+            token,
             repr(float(lease)),
             repr(float(ttl)),
             _flag(takeover),
@@ -328,6 +349,23 @@ class RedisStore(Closing):
             error or "",
         ]
 
+    def _acquisition(self, reply: Sequence[Any]) -> Acquisition:
+        acquired, took, now, raw = reply[:4]
+        fields = json.loads(text(raw))
+        record = record_from_fields(fields, self._name)
+        if len(reply) > 4:
+            # the script refused a value Python's float() still reads ("1_0", non-ASCII
+            # digits) but nodekit never writes: corrupt all the same, named as the script did
+            record_from_fields({**fields, text(reply[4]): None}, self._name)
+        return Acquisition(
+            bool(int(acquired)), record, takeover=bool(int(took)), now=float(text(now))
+        )
+
+    def _from_hash(self, raw: Mapping[Any, Any]) -> Record | None:
+        if not raw:
+            return None
+        return record_from_fields({text(k): text(v) for k, v in raw.items()}, self._name)
+
     # ------------------------------------------------------------------ sync protocol
 
     def acquire(
@@ -340,35 +378,61 @@ class RedisStore(Closing):
         takeover: bool = True,
         token: str | None = None,
     ) -> Acquisition:
+        token = token or new_token()  # chosen once: a second send is then told apart
         args = self._acquire_args(key, fingerprint, lease, ttl, takeover, token)
-        return _acquisition(self._scripts().acquire(keys=[self._key(key)], args=args))
+        scripts = self._enter(True)
+        try:
+            reply = scripts.acquire(keys=[self._key(key)], args=args)
+        finally:
+            scripts.slots.release()
+        return self._acquisition(reply)
 
     def complete(
         self, key: RecordKey, token: str, *, result: str | None, error: str | None, ttl: float
     ) -> bool:
         args = self._complete_args(token, result, error, ttl)
-        return int(self._scripts().complete(keys=[self._key(key)], args=args)) == 1
+        scripts = self._enter(False)
+        try:
+            return int(scripts.complete(keys=[self._key(key)], args=args)) == 1
+        finally:
+            scripts.slots.release()
 
     def release(self, key: RecordKey, token: str) -> bool:
-        return int(self._scripts().release(keys=[self._key(key)], args=[token])) == 1
+        scripts = self._enter(False)
+        try:
+            return int(scripts.release(keys=[self._key(key)], args=[token])) == 1
+        finally:
+            scripts.slots.release()
 
     def renew(self, key: RecordKey, token: str, *, lease: float) -> bool:
         args = [token, repr(float(lease)), self._now()]
-        return int(self._scripts().renew(keys=[self._key(key)], args=args)) == 1
+        scripts = self._enter(False)
+        try:
+            return int(scripts.renew(keys=[self._key(key)], args=args)) == 1
+        finally:
+            scripts.slots.release()
 
     def get(self, key: RecordKey) -> Record | None:
-        return _from_hash(self._scripts().client.hgetall(self._key(key)))
+        scripts = self._enter(True)
+        try:
+            raw = scripts.client.hgetall(self._key(key))
+        finally:
+            scripts.slots.release()
+        return self._from_hash(raw)
 
     def delete(self, key: RecordKey) -> bool:
-        return int(self._scripts().client.delete(self._key(key))) == 1
+        scripts = self._enter(False)
+        try:
+            return int(scripts.client.delete(self._key(key))) == 1
+        finally:
+            scripts.slots.release()
 
     def close(self) -> None:
-        """Close the sync client this store created (async ones close in `aclose`)."""
+        """Close the sync pool this store created, and forget the asyncio clients of closed
+        loops (an open loop's client closes with its loop, or in `aclose` there)."""
         with self._lock:
             self._closed = True
-            scripts, self._sync = self._sync, None
-        if scripts is not None and scripts.client is not self._given:
-            scripts.client.close()
+        self._clients.close()
 
     # ------------------------------------------------------------------ async protocol
 
@@ -382,46 +446,67 @@ class RedisStore(Closing):
         takeover: bool = True,
         token: str | None = None,
     ) -> Acquisition:
+        token = token or new_token()
         args = self._acquire_args(key, fingerprint, lease, ttl, takeover, token)
-        scripts = await self._ascripts()
-        return _acquisition(await scripts.acquire(keys=[self._key(key)], args=args))
+        scripts = await self._aenter(True)
+        try:
+            reply = await scripts.acquire(keys=[self._key(key)], args=args)
+        finally:
+            scripts.slots.release()
+        return self._acquisition(reply)
 
     async def acomplete(
         self, key: RecordKey, token: str, *, result: str | None, error: str | None, ttl: float
     ) -> bool:
         args = self._complete_args(token, result, error, ttl)
-        scripts = await self._ascripts()
-        return int(await scripts.complete(keys=[self._key(key)], args=args)) == 1
+        scripts = await self._aenter(False)
+        try:
+            return int(await scripts.complete(keys=[self._key(key)], args=args)) == 1
+        finally:
+            scripts.slots.release()
 
     async def arelease(self, key: RecordKey, token: str) -> bool:
-        scripts = await self._ascripts()
-        return int(await scripts.release(keys=[self._key(key)], args=[token])) == 1
+        scripts = await self._aenter(False)
+        try:
+            return int(await scripts.release(keys=[self._key(key)], args=[token])) == 1
+        finally:
+            scripts.slots.release()
 
     async def arenew(self, key: RecordKey, token: str, *, lease: float) -> bool:
         args = [token, repr(float(lease)), self._now()]
-        scripts = await self._ascripts()
-        return int(await scripts.renew(keys=[self._key(key)], args=args)) == 1
+        scripts = await self._aenter(False)
+        try:
+            return int(await scripts.renew(keys=[self._key(key)], args=args)) == 1
+        finally:
+            scripts.slots.release()
 
     async def aget(self, key: RecordKey) -> Record | None:
-        scripts = await self._ascripts()
-        return _from_hash(await scripts.client.hgetall(self._key(key)))
+        scripts = await self._aenter(True)
+        try:
+            raw = await scripts.client.hgetall(self._key(key))
+        finally:
+            scripts.slots.release()
+        return self._from_hash(raw)
 
     async def adelete(self, key: RecordKey) -> bool:
-        scripts = await self._ascripts()
-        return int(await scripts.client.delete(self._key(key))) == 1
+        scripts = await self._aenter(False)
+        try:
+            return int(await scripts.client.delete(self._key(key))) == 1
+        finally:
+            scripts.slots.release()
 
     async def aclose(self) -> None:
         """Close the clients this store created: this loop's asyncio client and the sync one.
 
-        An asyncio client belongs to the loop that created it; one made in another loop must
-        be closed there (call `aclose` from it).
+        An asyncio client belongs to the loop that created it; one made in another loop that
+        is still open closes when that loop shuts down (or call `aclose` from it).
         """
-        loop = asyncio.get_running_loop()
         with self._lock:
-            scripts = self._async.pop(loop, None)
-        if scripts is not None:
-            await scripts.client.aclose()
-        self.close()
+            self._closed = True
+        scripts = self._clients.loops.get(asyncio.get_running_loop())
+        if scripts is not None and scripts.watch is not None:
+            await scripts.watch.aclose()  # its `finally` closes the client
+        self._clients.close()
 
     # ------------------------------------------------------------------ tests
 

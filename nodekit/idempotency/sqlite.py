@@ -2,8 +2,9 @@
 
 One file, WAL mode, safe for many threads and many processes on one host: every acquire is a
 ``BEGIN IMMEDIATE`` transaction (one writer at a time) that reads the record, applies the same
-decision as every other store, and writes. Each thread has its own connection; the async
-methods run in worker threads and never block the event loop.
+decision as every other store, and writes. Each thread has its own connection, closed when the
+thread ends (so short-lived threads, e.g. `node.map()`'s, leave no file descriptors behind);
+the async methods run in the store's worker threads and never block the event loop.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
 from .._errors import ConfigError
 from .._sqlite import writer_lock
-from ._base import ThreadedAsync, acquisition, completed, holds, renewed
+from ._base import ThreadedAsync, acquisition, checked_record, completed, holds, renewed
 from ._store import FORMAT_VERSION, IN_PROGRESS, Acquisition, Clock, Record, RecordKey, wall_clock
 
 __all__ = ["SQLiteStore"]
@@ -26,6 +28,27 @@ _COLUMNS = (
     "namespace, scope, key_digest, fingerprint, state, owner_token, epoch, "
     "lease_expires_at, created_at, expires_at, result, error, format_version"
 )
+
+
+class _Held:
+    """One thread's connection, and the lock held while it runs a statement.
+
+    Referenced strongly only from its thread's local slot: when the thread ends the slot goes,
+    and the finalizer closes the connection (from whichever thread collects it, which
+    ``check_same_thread=False`` allows).
+    """
+
+    __slots__ = ("__weakref__", "conn", "lock")
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+        weakref.finalize(self, _close_quietly, conn)
+
+
+def _close_quietly(conn: sqlite3.Connection) -> None:
+    with suppress(sqlite3.Error):
+        conn.close()
 
 
 class SQLiteStore(ThreadedAsync):
@@ -60,7 +83,9 @@ class SQLiteStore(ThreadedAsync):
         self._clock = clock or wall_clock
         self._local = threading.local()
         self._writer = writer_lock(self.path)
-        self._all: list[tuple[sqlite3.Connection, threading.Lock]] = []
+        # every open connection, weakly: a thread's connection lives in its thread-local
+        # slot only, so it is closed when the thread ends; `close()` closes those still open
+        self._all: weakref.WeakSet[_Held] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._closed = False
         with self._tx() as conn:
@@ -86,9 +111,9 @@ class SQLiteStore(ThreadedAsync):
 
     # ------------------------------------------------------------------ connections
 
-    def _conn(self) -> tuple[sqlite3.Connection, threading.Lock]:
+    def _conn(self) -> _Held:
         """This thread's connection and its lock (held while the connection is in use)."""
-        held: tuple[sqlite3.Connection, threading.Lock] | None = getattr(self._local, "conn", None)
+        held: _Held | None = getattr(self._local, "conn", None)
         if held is None:
             if self._closed:
                 raise sqlite3.ProgrammingError("SQLiteStore is closed")
@@ -106,21 +131,21 @@ class SQLiteStore(ThreadedAsync):
                 except sqlite3.OperationalError:
                     time.sleep(0.02)
             conn.execute(f"PRAGMA synchronous = {self._synchronous}")
-            held = (conn, threading.Lock())
+            held = _Held(conn)
             self._local.conn = held
             with self._lock:
-                self._all.append(held)
+                self._all.add(held)
         return held
 
     @contextmanager
     def _use(self) -> Iterator[sqlite3.Connection]:
         # Each thread has its own connection; the lock only stops `close()` (from another
         # thread) from closing a connection in the middle of a statement.
-        conn, lock = self._conn()
-        with lock:
+        held = self._conn()
+        with held.lock:
             if self._closed:
                 raise sqlite3.ProgrammingError("SQLiteStore is closed")
-            yield conn
+            yield held.conn
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -138,7 +163,7 @@ class SQLiteStore(ThreadedAsync):
             f"SELECT {_COLUMNS} FROM {self.table} WHERE namespace = ? AND scope = ? AND key_digest = ?",
             (key.namespace, key.scope, key.digest),
         ).fetchone()
-        return None if row is None else Record(*row)
+        return None if row is None else checked_record(row, repr(self))
 
     def _write(self, conn: sqlite3.Connection, record: Record) -> None:
         conn.execute(
@@ -242,10 +267,10 @@ class SQLiteStore(ThreadedAsync):
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            conns, self._all = self._all, []
-        for conn, lock in conns:
-            with lock, suppress(sqlite3.Error):  # waits for a statement in flight to finish
-                conn.close()
+            held, self._all = list(self._all), weakref.WeakSet()
+        for each in held:
+            with each.lock, suppress(sqlite3.Error):  # waits for a statement in flight to finish
+                each.conn.close()
         self._local = threading.local()
         self._shutdown()
 

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import nodekit as nk
 from nodekit.idempotency import IN_PROGRESS, Record, RecordKey
 from nodekit.idempotency._renewer import RENEWER
+from nodekit.idempotency._store import NotSent
 from nodekit.testing import FaultProxy
 
 REDIS_OPTIONS = "socket_timeout=0.25&socket_connect_timeout=0.25"
@@ -93,40 +94,48 @@ class Target:
     def server_now(self) -> float:
         """The server's clock (the stores' time), in seconds since the epoch."""
         if self.kind == "redis":
-            seconds, micros = self.direct()._scripts().client.time()
+            import redis
+
+            with redis.Redis.from_url(self.url) as client:
+                seconds, micros = client.time()
             return float(seconds) + float(micros) / 1_000_000
-        row = self.direct()._conn().execute("SELECT extract(epoch from clock_timestamp())")
-        return float(row.fetchone()[0])
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as pg:
+            row = pg.execute("SELECT extract(epoch from clock_timestamp())").fetchone()
+        assert row is not None
+        return float(row[0])
 
     @property
     def acquire_pattern(self) -> bytes:
         """Bytes only an acquire carries: its script's digest, its statement's CTE."""
         if self.kind == "redis":
-            from nodekit.idempotency import redis as redis_store
+            from nodekit.idempotency import _redis_scripts as redis_store
 
-            return _redis_sha(redis_store._ACQUIRE)
+            return _redis_sha(redis_store.ACQUIRE)
         return b"prev AS MATERIALIZED"
 
     @property
     def complete_pattern(self) -> bytes:
         """Bytes only a completion carries."""
         if self.kind == "redis":
-            from nodekit.idempotency import redis as redis_store
+            from nodekit.idempotency import _redis_scripts as redis_store
 
-            return _redis_sha(redis_store._COMPLETE)
+            return _redis_sha(redis_store.COMPLETE)
         return b"SET state ="
 
     def client_errors(self) -> tuple[type[BaseException], ...]:
-        """The client library's errors: what a store fault surfaces as."""
+        """What a store fault surfaces as: the client library's errors, or the store's own
+        `NotSent` when no connection could be had at all."""
         if self.kind == "redis":
             import redis
 
-            return (redis.RedisError,)
+            return (redis.RedisError, NotSent)
         import psycopg
 
-        return (psycopg.Error,)
+        return (psycopg.Error, ConnectionError, NotSent)  # a resend that could not connect
 
-    def lose_next_reply(self, pattern: bytes, *, cut: bool) -> None:
+    def lose_next_reply(self, pattern: bytes, *, cut: bool, resend: bool = False) -> None:
         """The next command holding `pattern` runs on the server, but its reply is lost.
 
         With `cut` (PostgreSQL: no read timeout), every connection is reset as soon as the
@@ -134,7 +143,11 @@ class Target:
         """
         proxy = self.proxy
         before = proxy.stats.dropped_down
-        proxy.on_next(pattern, "drop_replies", count=1)
+        # A store sends a command once more on a fresh connection when the first one breaks
+        # (the owner token makes that safe). Unless `resend`, that second send fails too:
+        # Redis's reply is lost as well, PostgreSQL's proxy refuses new connections a while.
+        lost = 2 if self.kind == "redis" and not resend else 1
+        proxy.on_next(pattern, "drop_replies", count=lost)
         if not cut:
             return
 
@@ -142,6 +155,8 @@ class Target:
             deadline = time.monotonic() + 5.0
             while proxy.stats.dropped_down == before and time.monotonic() < deadline:
                 time.sleep(0.001)
+            if not resend:
+                proxy.refuse(0.5)
             proxy.cut()
 
         threading.Thread(target=cut_once_lost, daemon=True).start()
@@ -152,15 +167,17 @@ class Target:
 
     def _locked(self) -> dict[str, float]:
         if self.kind == "redis":
-            client = self.direct()._scripts().client
+            import redis
+
             now = self.server_now()
             found = {}
-            for name in client.scan_iter(match=self.location + "*", count=1000):
-                fields = {k.decode(): v.decode() for k, v in client.hgetall(name).items()}
-                if fields.get("state") == IN_PROGRESS:
-                    left = float(fields["lease_expires_at"]) - now
-                    if left > 0:
-                        found[fields["key_digest"]] = left
+            with redis.Redis.from_url(self.url, decode_responses=True) as client:
+                for name in client.scan_iter(match=self.location + "*", count=1000):
+                    fields = client.hgetall(name)
+                    if fields.get("state") == IN_PROGRESS:
+                        left = float(fields["lease_expires_at"]) - now
+                        if left > 0:
+                            found[fields["key_digest"]] = left
             return found
         query = (
             "WITH clock AS (SELECT extract(epoch from clock_timestamp()) AS now) "
@@ -168,7 +185,10 @@ class Target:
             f'FROM "{self.location}".nodekit_idempotency, clock '
             "WHERE state = %s AND lease_expires_at > clock.now"
         )
-        rows = self.direct()._conn().execute(query, (IN_PROGRESS,)).fetchall()
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as pg:
+            rows = pg.execute(query, (IN_PROGRESS,)).fetchall()
         return {digest: float(left) for digest, left in rows}
 
     async def aclose(self) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from nodekit.idempotency import MemoryStore
+from nodekit.idempotency import MemoryStore, RecordKey
 
 STORE_KINDS = ["memory", "sqlite", "redis", "postgres"]
 
@@ -98,6 +98,64 @@ class Backend:
 
         with psycopg.connect(self.url, row_factory=dict_row) as pg:
             return list(pg.execute(f'SELECT * FROM "{self.location}".nodekit_idempotency'))
+
+    def corrupt(self, store: Any, **fields: Any) -> None:
+        """Overwrite fields of the one stored record with raw values, around the store.
+
+        A value of None deletes the field (Redis only: the other stores' columns are NOT NULL).
+        Values are given as text and written as the backend can hold them: PostgreSQL's typed
+        columns take a cast (``'NaN'::float8``); a value a column cannot hold skips the test.
+        """
+        (row,) = self.rows()
+        if self.kind == "memory":
+            record = store.get(RecordKey(row["namespace"], row["scope"], row["key_digest"]))
+            store._put(dataclasses.replace(record, **{k: _typed(k, v) for k, v in fields.items()}))
+        elif self.kind == "sqlite":
+            conn = sqlite3.connect(self.sqlite_path)
+            try:
+                sets = ", ".join(f"{name} = ?" for name in fields)
+                conn.execute(f"UPDATE nodekit_idempotency SET {sets}", tuple(fields.values()))
+                conn.commit()
+            finally:
+                conn.close()
+        elif self.kind == "redis":
+            import redis
+
+            client = redis.Redis.from_url(self.url)
+            try:
+                for name, value in fields.items():
+                    if value is None:
+                        client.hdel(row["redis_key"], name)
+                    else:
+                        client.hset(row["redis_key"], name, value)
+            finally:
+                client.close()
+        else:
+            import psycopg
+
+            types = {"epoch": "bigint", "format_version": "integer"}
+            casts = {k: types.get(k, "float8" if k.endswith("_at") else "text") for k in fields}
+            sets = ", ".join(f"{name} = %s::{casts[name]}" for name in fields)
+            try:
+                with psycopg.connect(self.url, autocommit=True) as pg:
+                    pg.execute(
+                        f'UPDATE "{self.location}".nodekit_idempotency SET {sets}',
+                        tuple(fields.values()),
+                    )
+            except psycopg.errors.DataError:
+                pytest.skip(f"a PostgreSQL column cannot hold {fields}")
+
+
+def _typed(name: str, value: Any) -> Any:
+    """A raw text value as the in-memory record holds that field (a float for times)."""
+    if name.endswith("_at"):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    if name in ("epoch", "format_version"):
+        return int(value) if str(value).lstrip("-").isdigit() else value
+    return value
 
 
 @pytest.fixture

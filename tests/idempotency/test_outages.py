@@ -12,9 +12,10 @@ What the clients do shapes the faults:
   by a `cut` once the proxy has discarded it.
 - redis-py takes ``socket_timeout`` / ``socket_connect_timeout`` in its URL: under `drop`, a
   Redis command fails after 0.25 s.
-- A connection reset while idle fails the next command sent on it (psycopg, and redis-py's
-  asyncio client): each case below gets a store of its own so that an earlier case's reset is
-  not taken for this case's outage.
+- A store sends a command once more on a fresh connection when its connection breaks (the
+  owner token makes that safe), so a lost reply loses both sends (Redis) or is followed by a
+  short refusal of new connections (PostgreSQL). Each case below gets a store of its own so
+  that an earlier case's faults are not taken for this case's outage.
 """
 
 from __future__ import annotations
@@ -97,9 +98,7 @@ class Charge:
     """A keyed node, as sync and async twins, whose body appends `order` to the ledger.
 
     `faults[order]` runs as the body's last line: the completion write comes right after.
-    Sync calls run in one thread of their own, as in a single-threaded program (a sync
-    PostgresStore has a connection per thread: a call in another thread would find that
-    thread's connection reset by an earlier fault, and fail closed at acquire).
+    Sync calls run in one thread of their own, as in a single-threaded program.
     """
 
     def __init__(self, store: Any, ledger: Path, *, name: str, lease: float = LEASE) -> None:
