@@ -25,7 +25,6 @@ The client is never created per call and never closed here: its owner (usually a
 from __future__ import annotations
 
 import hashlib
-import re
 import time
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from ._classify import parse_retry_after
 from ._context import NodeContext, current_or_none
 from ._errors import IdempotencyInProgress, IdempotencyMismatch, NodeTimeout
 from ._events import emit
+from ._redact import MASK, SECRET_NAME
 
 __all__ = [
     "IDEMPOTENCY_HEADER",
@@ -73,10 +73,6 @@ KEYED_METHODS = frozenset({"POST", "PATCH"})
 #: Statuses that are raised (with ``retry_after``) whatever ``raise_for_status`` says.
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 
-# Query parameters whose values are redacted in events and error messages.
-_SECRET_PARAM = re.compile(
-    r"(?i)(token|secret|passw|pwd|auth|key|sig|session|credential|code|bearer)"
-)
 # Keyword arguments of `Client.request` that belong to `send()`, not `build_request()`.
 _SEND_OPTIONS = ("auth", "follow_redirects")
 
@@ -128,7 +124,7 @@ def redact_url(url: httpx.URL | str) -> str:
     if url.query:
         parts = []
         for name, value in url.params.multi_items():
-            shown = "***" if _SECRET_PARAM.search(name) else value
+            shown = MASK if SECRET_NAME.search(name) else value
             parts.append(f"{name}={shown}")
         text += "?" + "&".join(parts)
     return text

@@ -289,3 +289,10 @@ def test_redaction_runs_only_on_the_failure_path() -> None:
         assert calls
     finally:
         remove()
+
+
+def test_an_unknown_store_url_is_refused_without_its_password() -> None:
+    with pytest.raises(nk.ConfigError) as raised:
+        nk.open_store("mysql://app:hunter2@db.internal/orders")
+    assert "hunter2" not in str(raised.value)
+    assert "mysql://app:***@db.internal/orders" in str(raised.value)

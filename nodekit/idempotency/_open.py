@@ -6,6 +6,7 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from .._errors import ConfigError
+from .._redact import redact
 from .._runtime import RUNTIME
 
 __all__ = ["default_store", "open_store", "set_default_store"]
@@ -78,7 +79,7 @@ def open_store(url: str, **options: Any) -> Any:
 
         return PostgresStore(url, **options)
     raise ConfigError(
-        f"unknown store URL scheme {scheme!r} in {url!r}: use memory://, sqlite:///path, "
+        f"unknown store URL scheme {scheme!r} in {redact(url)!r}: use memory://, sqlite:///path, "
         "redis://host:port/db or postgresql://...",
         option="url",
     )

@@ -23,9 +23,9 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
 
 from .._errors import ConfigError
+from .._redact import redact
 from ._base import Closing, PoolTimeout, new_token, pool_wait, record_from_fields
 from ._redis_clients import (
     Clients,
@@ -47,15 +47,6 @@ __all__ = ["RedisStore"]
 # A ping before a command on a connection idle this long (s): a connection the server or a
 # firewall dropped meanwhile is found and replaced before the command is sent on it.
 HEALTH_CHECK_INTERVAL = 30
-
-
-def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def _flag(value: bool) -> str:
@@ -158,7 +149,7 @@ class RedisStore(Closing):
         weakref.finalize(self, self._clients.close)
 
     def __repr__(self) -> str:
-        where = _redact(self.url) if self.url is not None else "<client>"
+        where = redact(self.url) if self.url is not None else "<client>"
         return f"RedisStore({where!r}, prefix={self.prefix!r})"
 
     # ------------------------------------------------------------------ clients
