@@ -296,3 +296,19 @@ def test_an_unknown_store_url_is_refused_without_its_password() -> None:
         nk.open_store("mysql://app:hunter2@db.internal/orders")
     assert "hunter2" not in str(raised.value)
     assert "mysql://app:***@db.internal/orders" in str(raised.value)
+
+
+def test_nodekits_own_error_messages_redact_the_error_they_quote() -> None:
+    """An error nodekit raises itself (here `UnsafeRetry`, quoting the ambiguous error that
+    stopped a WRITE) carries the quoted text redacted and on one line."""
+
+    @nk.node(name="charge-plain", effect=nk.Effect.WRITE, retry=nk.Retry(attempts=3))
+    def charge() -> None:
+        raise ConnectionResetError("reset by https://pay.example/charge?api_key=SECRET123\nline 2")
+
+    with pytest.raises(nk.UnsafeRetry) as raised:
+        charge()
+    text = str(raised.value)
+    assert "SECRET123" not in text
+    assert "api_key=***" in text
+    assert "\n" not in text

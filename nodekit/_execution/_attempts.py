@@ -16,6 +16,7 @@ from .._context import NodeContext
 from .._errors import CircuitOpen, ConfigError, NodeTimeout, UnsafeRetry
 from .._events import emit, observed
 from .._policies import Effect, RetryPlan
+from .._redact import error_text
 from .._spec import NodeSpec
 
 __all__ = ["Attempts", "attempt_budget", "attempt_deadline", "deadline_error"]
@@ -155,7 +156,7 @@ class Attempts:
         spec = self.spec
         ctx = self.ctx
         error = UnsafeRetry(
-            f"node {spec.name!r} failed with an ambiguous error ({type(exc).__name__}: {exc}) "
+            f"node {spec.name!r} failed with an ambiguous error ({error_text(exc)}) "
             "and was not retried: the effect may already have happened, and the node is a "
             "WRITE without an idempotency key. Declare effect=nk.Effect.READ (or NONE) if the "
             "call changes nothing, or add idempotency=nk.Idempotency(...) so that a retry is "

@@ -25,6 +25,7 @@ from .._errors import (
     OutcomeUnknown,
 )
 from .._node import call_in_context_async, call_in_context_sync, new_context
+from .._redact import error_text
 from ..idempotency._claim import MISMATCH, REPLAY, Claim, Holder, drive_async, drive_sync
 from ..idempotency._open import open_store
 from ..idempotency._policy import NodekitWarning
@@ -382,7 +383,7 @@ def _journal_store_error(journal: Journal, step: Step | None, op: str, exc: Exce
     kind = OutcomeUnknown if ran else IdempotencyStoreError
     cause = kind(
         f"flow {journal.flow.name!r}: the store failed at {op} of {where} "
-        f"({type(exc).__name__}: {exc}); {after}",
+        f"({error_text(exc)}); {after}",
         node=None if step is None else step.name,
     )
     cause.__cause__ = exc

@@ -15,6 +15,7 @@ import json
 from typing import Any
 
 from .._errors import ConfigError, IdempotencyCorruptRecord
+from .._redact import error_text
 
 __all__ = ["UNAVAILABLE", "ResultCodec"]
 
@@ -63,7 +64,7 @@ class ResultCodec:
             if back != value or (not self.annotated and type(back) is not type(value)):
                 raise TypeError(f"{type(value).__qualname__} does not survive JSON unchanged")
         except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"[:300]
+            reason = error_text(exc, 300)  # stored in the record: redacted
             return None, self._wrap(json.dumps({UNAVAILABLE: reason}))
         return self._wrap(text), None
 

@@ -32,6 +32,7 @@ from .._errors import (
 )
 from .._events import emit, observed, wanted
 from .._execution import run_async, run_sync
+from .._redact import error_text
 from .._spec import NodeSpec
 from ._claim import KEEP, RELEASE, REPLAY, STORE, Claim, Holder, drive_async, drive_sync
 from ._policy import IdempotencyPlan
@@ -151,7 +152,7 @@ class KeyedCall(Holder):
         self.claim.event("idempotency.store_error", exc=exc, op=op)
         return IdempotencyStoreError(
             f"node {self.spec.name!r}: the idempotency store failed at {op} "
-            f"({type(exc).__name__}: {exc}); the node did not run",
+            f"({error_text(exc)}); the node did not run",
             node=self.spec.name,
         )
 

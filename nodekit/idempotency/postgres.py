@@ -30,6 +30,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .._errors import ConfigError
+from .._redact import error_text
 from ._base import Closing, PoolTimeout, Unreachable, checked_record, new_token, pool_wait
 from ._pgpool import SLICE, Connections, LoopPool, watched
 from ._pgsql import COLUMNS, DDL_LOCK, Statements, decide, key_params
@@ -71,7 +72,7 @@ def _seconds(value: object, option: str) -> float:
 def _resend_failed(exc: BaseException) -> ConnectionError:
     return ConnectionError(
         f"PostgresStore: the connection broke during the operation and no other could be "
-        f"had to send it again ({type(exc).__name__}: {exc})"
+        f"had to send it again ({error_text(exc)})"
     )
 
 
@@ -218,7 +219,7 @@ class PostgresStore(Closing):
                 failed = self._conns.health.since(start)
                 if failed is not None:
                     raise Unreachable(
-                        f"PostgresStore: cannot connect to the server: {failed}"
+                        f"PostgresStore: cannot connect to the server: {error_text(failed)}"
                     ) from failed
                 if time.monotonic() >= deadline:
                     raise PoolTimeout(
@@ -319,7 +320,9 @@ class PostgresStore(Closing):
             conn = pool.idle.pop() if pool.idle else await self._aconnect(pool)
         except self._broken as exc:
             slots.release()
-            raise Unreachable(f"PostgresStore: cannot connect to the server: {exc}") from exc
+            raise Unreachable(
+                f"PostgresStore: cannot connect to the server: {error_text(exc)}"
+            ) from exc
         except BaseException:
             slots.release()
             raise
