@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import TypeAlias
 
 from ._classifiers import AMBIGUOUS, PERMANENT, SAFE, Kind, library_kind
@@ -202,6 +201,8 @@ def parse_retry_after(value: object, *, now: float | None = None) -> float | Non
         return max(0.0, float(text))
     except ValueError:
         pass
+    from email.utils import parsedate_to_datetime  # an HTTP date: rare, and slow to import
+
     try:
         when = parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError):
