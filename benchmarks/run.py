@@ -21,6 +21,7 @@ MODULES: list[str] = [
     "idempotency",
     "flow",
     "checkout",
+    "resilience",
 ]
 
 
