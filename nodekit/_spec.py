@@ -37,6 +37,10 @@ class AttemptGuard(Protocol):
     `nodekit.resilience`; this protocol sits here so that the loop never imports them.
     """
 
+    # whether an async node must await `aenter`/`aexit`; False: it calls `enter`/`exit`
+    # directly (they neither wait nor do I/O), which saves two coroutines an attempt
+    awaits: bool
+
     def enter(self, spec: NodeSpec, ctx: Any) -> Any: ...
 
     async def aenter(self, spec: NodeSpec, ctx: Any) -> Any: ...

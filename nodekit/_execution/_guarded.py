@@ -50,7 +50,8 @@ async def guarded_async(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any
     error: BaseException | None = None
     try:
         for guard in spec.guards:
-            entered.append((guard, await guard.aenter(spec, ctx)))
+            token = await guard.aenter(spec, ctx) if guard.awaits else guard.enter(spec, ctx)
+            entered.append((guard, token))
         started = monotonic()
         if spec.threaded:
             return await attempt_with_timeout(spec, ctx, args, kwargs)
@@ -62,4 +63,7 @@ async def guarded_async(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any
         now = monotonic()
         duration = now - started if started else 0.0
         for guard, token in reversed(entered):
-            await guard.aexit(spec, ctx, token, error, now, duration)
+            if guard.awaits:
+                await guard.aexit(spec, ctx, token, error, now, duration)
+            else:
+                guard.exit(spec, ctx, token, error, now, duration)

@@ -157,7 +157,7 @@ class CircuitGuard:
     breaker were closed (event ``circuit.store_failed``) and its outcome is not recorded.
     """
 
-    __slots__ = ("backend", "breaker", "name", "shared", "slow")
+    __slots__ = ("awaits", "backend", "breaker", "name", "shared", "slow")
 
     def __init__(self, breaker: CircuitBreaker) -> None:
         self.breaker = breaker
@@ -165,6 +165,8 @@ class CircuitGuard:
         self.backend = breaker._backend
         self.slow = breaker.slow_call
         self.shared = getattr(self.backend, "shared", False)
+        # in memory, entering and exiting never wait: an async node calls them directly
+        self.awaits = self.shared
 
     def enter(self, spec: NodeSpec, ctx: Any) -> Any:
         try:

@@ -88,6 +88,9 @@ class BulkheadGuard:
 
     __slots__ = ("backend", "name", "shared")
 
+    # entering may wait (for the rate, for a slot): an async node always awaits it
+    awaits = True
+
     def __init__(self, bulkhead: Bulkhead) -> None:
         self.name = bulkhead.name
         self.backend = bulkhead._backend

@@ -87,6 +87,9 @@ class RateLimitGuard:
 
     __slots__ = ("backend", "name", "shared")
 
+    # entering may wait (for the rate, for a slot): an async node always awaits it
+    awaits = True
+
     def __init__(self, limit: RateLimit) -> None:
         self.name = limit.name
         self.backend = limit._backend
