@@ -19,6 +19,7 @@ from os import PathLike
 from typing import Any
 
 from nodekit.testing import APIRequest, APIResponse, FaultPlan, Ledger, LedgerEntry, LocalAPI
+from nodekit.testing._faults import Fault
 from nodekit.testing._server import cli, plan_from, serve
 
 __all__ = ["DemoAPI", "DemoLedger", "main", "sign"]
@@ -74,6 +75,7 @@ class DemoAPI(LocalAPI):
         self._shop_lock = threading.Lock()
         self._gone: set[str] = set()
         self._charges: dict[str, dict[str, Any]] = {}
+        self._outage: tuple[int, int] | None = None  # (after this many charges, requests)
         rng = random.Random(seed)
         categories = ("books", "games", "music", "tools", "garden")
         self.items = [
@@ -103,6 +105,15 @@ class DemoAPI(LocalAPI):
         with self._shop_lock:
             self._gone.add(target)
 
+    def outage(self, requests: int, *, after_charges: int = 0) -> None:
+        """Go down: answer 503 (with the plan's Retry-After) to the next `requests` requests,
+        on every route, starting once `after_charges` charges have been made."""
+        if after_charges <= 0:
+            self.fail_next(*_down(requests))
+            return
+        with self._shop_lock:
+            self._outage = (after_charges, requests)
+
     def charges_for(self, order_id: Any) -> list[LedgerEntry]:
         """The charges actually made for `order_id` (see `DemoLedger.charges_for`)."""
         return self.ledger.charges_for(order_id)
@@ -126,6 +137,11 @@ class DemoAPI(LocalAPI):
                 "amount": amount,
             }
             self._charges[charge["id"]] = charge
+            outage, made = self._outage, len(self._charges)
+            if outage is not None and made >= outage[0]:
+                self._outage = None
+        if outage is not None and made >= outage[0]:
+            self.fail_next(*_down(outage[1]))  # from the next request on
         return APIResponse(201, charge, effect=True, data=dict(charge))
 
     def _webhook(self, request: APIRequest) -> APIResponse:
@@ -174,6 +190,11 @@ class DemoAPI(LocalAPI):
             },
             headers,
         )
+
+
+def _down(requests: int) -> list[Fault]:
+    """The faults of an outage of `requests` requests: 503 with the plan's Retry-After."""
+    return ["503"] * requests
 
 
 def _enrich(request: APIRequest) -> APIResponse:

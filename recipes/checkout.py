@@ -11,12 +11,20 @@ way and each made safe to repeat:
 - ``send_receipt``: an HMAC-signed webhook, keyed the same way;
 - ``write_audit``: the audit record, written atomically and idempotently (`nodekit.files`).
 
+Both API calls go through one circuit breaker and one rate limit (``payments-api``), kept in
+the journal's store when it is SQLite, Redis or PostgreSQL, so every process running orders
+shares them: the limit spaces the calls, the breaker stops calling an API that is down. A
+receipt that cannot be sent (the API refused it, or the breaker is open) is queued in
+``outbox/`` for later — a recorded fallback; a charge never falls back (its failure must show).
+``--outage N`` makes the local API answer 503 to the N requests after the first charge.
+
 Every run has a run id (``checkout:<order id>``) and a durable journal (SQLite by default), so
 running an order again — after a crash, or on purpose — replays what completed and runs only
 the rest. Sync mode runs orders one after the other; async mode runs them concurrently.
 
     python -m recipes.checkout --orders 50 --faults 0.2 --mode async
     python -m recipes.checkout --demo          # what `make demo` runs
+    python -m recipes.checkout --demo --outage 9    # the breaker opens, a receipt is queued
 """
 
 from __future__ import annotations
@@ -54,6 +62,15 @@ HTTP_TIMEOUT = nk.Timeout(attempt=0.5, total=15)
 # every third of it). The defaults (a node's whole time budget, else 60 s) would make a resume
 # started right after a crash fail those orders as "in progress" for up to a minute.
 LEASE = 5.0
+# The guards of the two API calls. The breaker opens when 80 % of the last 10 s of attempts
+# failed, once there are at least 10 of them: the demo's quarter of failing requests (even a
+# run of them) never gets there, an API that is down does within ten calls. It stays open for
+# 2 s, longer than a retry wait (`RETRY.max_wait`), so a retry that would only meet it again
+# stops at once.
+BREAKER: dict[str, Any] = {"failure_rate": 0.8, "min_calls": 10, "window": 10.0, "open_for": 2.0}
+# 100 calls a second, 5 at once after a pause: the demo's bursts of fast answers wait a few
+# milliseconds each (a few hundredths of a second in all), and a Retry-After pauses it.
+RATE, BURST = 100.0, 5
 # The demo always meets the ambiguous case: the charge is made, then the connection drops
 # before the answer arrives. Only the Idempotency-Key keeps the retry from charging again.
 DEMO_SCRIPT = {"POST /charges": [None, "drop_after", None, None, "503", None, "drop_after", "429"]}
@@ -151,7 +168,11 @@ def charge_payment(
 
 @nk.node(name="send_receipt", retry=RETRY, timeout=HTTP_TIMEOUT, idempotency=_keyed)
 def send_receipt(
-    order_id: str, charge_id: str, *, http: httpx.Client = nk.resource()
+    order_id: str,
+    charge_id: str,
+    *,
+    http: httpx.Client = nk.resource(),
+    outbox: Path = nk.resource(),
 ) -> dict[str, str]:
     """Deliver the signed receipt webhook once."""
     body, headers = _signed({"order_id": order_id, "charge_id": charge_id})
@@ -172,12 +193,44 @@ async def acharge_payment(
 
 @nk.node(name="send_receipt", retry=RETRY, timeout=HTTP_TIMEOUT, idempotency=_keyed)
 async def asend_receipt(
-    order_id: str, charge_id: str, *, ahttp: httpx.AsyncClient = nk.resource()
+    order_id: str,
+    charge_id: str,
+    *,
+    ahttp: httpx.AsyncClient = nk.resource(),
+    outbox: Path = nk.resource(),
 ) -> dict[str, str]:
     """The async twin of `send_receipt`."""
     body, headers = _signed({"order_id": order_id, "charge_id": charge_id})
     response = await nkhttp.apost(ahttp, "/webhooks/receipts", content=body, headers=headers)
     return {"receipt": "replayed" if nkhttp.replayed(response) else "delivered"}
+
+
+# ---------------------------------------------------------------------------- guards, fallback
+
+
+def guards(store: Any = None) -> tuple[nk.CircuitBreaker, nk.RateLimit]:
+    """The breaker and the rate limit of the payments API, their state in `store` (the
+    journal's: shared by every process using it) or, without one, in the objects."""
+    breaker = nk.CircuitBreaker("payments-api", **BREAKER, store=store)
+    return breaker, nk.RateLimit("payments-api", RATE, burst=BURST, store=store)
+
+
+def queue_receipt(
+    error: Exception, order_id: str, charge_id: str, *, outbox: Path, **_: Any
+) -> dict[str, str]:
+    """`send_receipt`'s fallback: the receipt was not sent (the API refused it, or the breaker
+    is open), so it goes to the outbox, to be sent later. nodekit calls it only when nothing
+    was delivered — never after an ambiguous error (a dropped connection, a timeout)."""
+    body = {"order_id": order_id, "charge_id": charge_id, "reason": type(error).__name__}
+    files.put(outbox / f"{order_id}.json", json.dumps(body, sort_keys=True) + "\n")
+    return {"receipt": "queued"}
+
+
+async def aqueue_receipt(
+    error: Exception, order_id: str, charge_id: str, *, outbox: Path, **_: Any
+) -> dict[str, str]:
+    """The async twin of `queue_receipt` (the file is written in a worker thread)."""
+    return await asyncio.to_thread(queue_receipt, error, order_id, charge_id, outbox=outbox)
 
 
 # ---------------------------------------------------------------------------- the audit file
@@ -195,12 +248,20 @@ def write_audit(state: Order, *, audit_dir: Path = nk.resource()) -> dict[str, s
 # ---------------------------------------------------------------------------- the flow
 
 
-def build_flow(mode: str, db_factory: Callable[[], Any]) -> nk.Flow:
+def build_flow(mode: str, db_factory: Callable[[], Any], store: Any = None) -> nk.Flow:
     """The checkout flow; async mode uses the async HTTP nodes (the SQL and file nodes are
-    sync and run in worker threads, never blocking the loop)."""
+    sync and run in worker threads, never blocking the loop). Both HTTP nodes go through
+    the `guards` kept in `store`; a receipt falls back to the outbox (`queue_receipt`)."""
     flow = nk.Flow("checkout", state=Order, resources={"db": db_factory}, lease=LEASE)
+    breaker, limit = guards(store)
     charge: Any = acharge_payment if mode == "async" else charge_payment
     receipt: Any = asend_receipt if mode == "async" else send_receipt
+    charge = charge.options(circuit=breaker, rate_limit=limit)  # a charge never falls back
+    receipt = receipt.options(
+        circuit=breaker,
+        rate_limit=limit,
+        fallback=aqueue_receipt if mode == "async" else queue_receipt,
+    )
     flow.add(reserve_stock)
     flow.add(charge, after=[reserve_stock.name])
     flow.add(receipt, after=["charge_payment"])
@@ -243,13 +304,14 @@ def run_orders(
 
     Returns ``{order_id: final Order or the FlowError}``.
     """
-    flow = build_flow(mode, db_factory)
+    flow = build_flow(mode, db_factory, _guard_store(journal))
     outcomes: dict[str, Any] = {}
     idempotency = journal  # one durable store for the journal and the HTTP nodes' keys
+    outbox = data_dir(audit_dir.parent / "outbox")
     if mode == "sync":
         with (
             httpx.Client(base_url=api_url, timeout=5.0) as client,
-            nk.use(http=client, audit_dir=audit_dir, idempotency_store=idempotency),
+            nk.use(http=client, audit_dir=audit_dir, outbox=outbox, idempotency_store=idempotency),
         ):
             for order in orders:
                 try:
@@ -274,11 +336,20 @@ def run_orders(
                     except nk.FlowError as exc:
                         outcomes[order.order_id] = exc
 
-            with nk.use(ahttp=client, audit_dir=audit_dir, idempotency_store=idempotency):
+            with nk.use(
+                ahttp=client, audit_dir=audit_dir, outbox=outbox, idempotency_store=idempotency
+            ):
                 await asyncio.gather(*(one(order) for order in orders))
 
     asyncio.run(run_all())
     return outcomes
+
+
+def _guard_store(journal: Any) -> Any:
+    """Where the guards keep their state: the journal's store if processes can share it
+    (SQLite, Redis, PostgreSQL), else the guards' own memory."""
+    shared = (nk.SQLiteStore, nk.RedisStore, nk.PostgresStore)
+    return journal if isinstance(journal, shared) else None
 
 
 # ---------------------------------------------------------------------------- progress view
@@ -300,6 +371,10 @@ class Progress:
         self.skipped: dict[str | None, list[str]] = defaultdict(list)
         self.replayed = 0
         self.finished = 0
+        # the guards, as their events tell: name -> count, and the rate limit's waits
+        self.guarded: Counter[str] = Counter()
+        self.waited = 0.0
+        self.fallbacks: Counter[str] = Counter()
 
     def __call__(self, event: nk.Event) -> None:
         name = event.name
@@ -328,6 +403,18 @@ class Progress:
                 self._line(event, f"replayed from the journal: {', '.join(skipped)}")
         elif name == "flow.failed":
             self._line(event, f"FAILED at {event.fields.get('failed')}: {event.error}")
+        elif name.startswith(("circuit.", "rate_limit.")):
+            with self.lock:
+                self.guarded[name] += 1
+                if name == "rate_limit.waited":
+                    self.waited += event["wait"] or 0.0
+            if name in ("circuit.opened", "circuit.half_opened", "circuit.closed"):
+                state = name.removeprefix("circuit.").replace("_", "-")
+                self._line(event, f"circuit {event.fields.get('circuit')} {state}")
+        elif name == "node.fallback":
+            with self.lock:
+                self.fallbacks[event.node or "?"] += 1
+            self._line(event, f"{event.node:<15} fell back after {_reason(event)}")
 
     def _line(self, event: nk.Event, text: str) -> None:
         if self.quiet:
@@ -344,6 +431,10 @@ def _reason(event: nk.Event) -> str:
         return str(status)
     if isinstance(exc, TimeoutError) or type(exc).__name__.endswith("Timeout"):
         return "timeout"  # the node's own deadline or httpx's (capped to it): one story
+    if isinstance(exc, nk.CircuitOpen):
+        return "circuit open"
+    if isinstance(exc, nk.RateLimited):
+        return "rate limited"
     if isinstance(exc, nk.IdempotencyInProgress):
         return "409 in progress"
     if type(exc).__name__ in ("RemoteProtocolError", "ReadError", "ConnectError"):
@@ -385,6 +476,13 @@ def _summary(
             )
     if progress.replayed:
         print(f"  node results replayed from the journal: {progress.replayed}", file=out)
+    api_calls = sum(
+        stats.calls
+        for name, stats in snapshot.items()
+        if name in ("charge_payment", "send_receipt")
+    )
+    if api_calls or progress.guarded or progress.fallbacks:
+        _guard_summary(out, progress)  # a pass replayed from the journal never reaches them
     if api is not None:
         faults = Counter(entry.fault for entry in api.ledger if entry.fault)
         if faults:
@@ -407,6 +505,33 @@ def _summary(
     failures = {order: value for order, value in outcomes.items() if not isinstance(value, Order)}
     for order, error in sorted(failures.items())[:5]:
         print(f"  {order}: {error}", file=out)
+
+
+def _guard_summary(out: TextIO, progress: Progress) -> None:
+    """What the payments API's rate limit, circuit breaker and the fallback did in this pass."""
+    seen = progress.guarded
+    print(
+        f"  rate limit payments-api: {seen['rate_limit.waited']} calls waited their turn "
+        f"({progress.waited:.2f} s summed over the calls), {seen['rate_limit.rejected']} rejected, "
+        f"{seen['rate_limit.paused']} pauses for a Retry-After",
+        file=out,
+    )
+    changes = [
+        f"{seen[f'circuit.{state}']} {state.replace('_', '-')}"
+        for state in ("opened", "half_opened", "closed")
+        if seen[f"circuit.{state}"]
+    ]
+    print(
+        f"  circuit payments-api: {', '.join(changes) if changes else 'closed throughout'}; "
+        f"{seen['circuit.rejected']} calls rejected without reaching the API",
+        file=out,
+    )
+    queued = ", ".join(f"{node} x{count}" for node, count in sorted(progress.fallbacks.items()))
+    print(
+        f"  fallbacks: {sum(progress.fallbacks.values())}"
+        + (f" ({queued}: receipts queued in outbox/ for later)" if queued else ""),
+        file=out,
+    )
 
 
 def _run_pass(
@@ -469,13 +594,22 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO = sys.stdout) -> int:
     )
     cli.add_argument("--quiet", action="store_true", help="no line per node, only the summaries")
     cli.add_argument(
+        "--outage",
+        type=int,
+        default=0,
+        metavar="N",
+        help="local API only: answer 503 to the N requests after the first charge (the breaker "
+        "opens, receipts are queued); with --demo the second pass runs once it half-opens",
+    )
+    cli.add_argument(
         "--demo",
         action="store_true",
         help="the newcomer's tour: faults on, a fresh --data-dir/demo, then the same orders again",
     )
     args = cli.parse_args(argv)
     if args.demo:
-        args.faults = args.faults or 0.25
+        # with an outage, the outage is the demo's fault: a random one could fail the probe
+        args.faults = args.faults or (0.0 if args.outage > 0 else 0.25)
         args.again = True
         args.data_dir = args.data_dir / "demo"
         shutil.rmtree(args.data_dir, ignore_errors=True)  # a fresh tour every time
@@ -487,7 +621,7 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO = sys.stdout) -> int:
     with contextlib.closing(connect(args.db_url, root / "checkout.sqlite")) as db:
         prepare_database(db, sorted({order.sku for order in orders}), args.stock)
     try:
-        script = DEMO_SCRIPT if args.demo else ()
+        script = DEMO_SCRIPT if args.demo and args.outage <= 0 else ()
         with api_base(
             args.api_url,
             faults=args.faults,
@@ -495,6 +629,8 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO = sys.stdout) -> int:
             script=script,
             webhook_secret=WEBHOOK_SECRET,
         ) as (api_url, api):
+            if api is not None and args.outage > 0:
+                api.outage(args.outage, after_charges=1)
             where = "a local API" if api is not None else api_url
             faults = (
                 f", failing {args.faults:.0%} of requests"
@@ -515,8 +651,19 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO = sys.stdout) -> int:
                 "first pass: every node runs", args, orders, api_url, api, journal, out
             )
             if args.again:
+                title = (
+                    "second pass: the same run ids again, so every effect is replayed, not repeated"
+                )
+                if not all(isinstance(value, Order) for value in outcomes.values()):
+                    pause = _until_half_open(journal)
+                    print(f"\n  (waiting {pause:.1f} s for the circuit to half-open)", file=out)
+                    time.sleep(pause)
+                    title = (
+                        "second pass: the same run ids again: what completed is replayed, "
+                        "the rest runs"
+                    )
                 outcomes |= _run_pass(  # exit 1 if a replay fails too
-                    "second pass: the same run ids again, so every effect is replayed, not repeated",
+                    title,
                     args,
                     orders,
                     api_url,
@@ -527,6 +674,13 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO = sys.stdout) -> int:
     finally:
         journal.close()
     return 0 if all(isinstance(value, Order) for value in outcomes.values()) else 1
+
+
+def _until_half_open(journal: Any) -> float:
+    """Seconds until the payments API's breaker lets a probe through (0 if it is closed)."""
+    if guards(_guard_store(journal))[0].state != "open":
+        return 0.0
+    return float(BREAKER["open_for"])
 
 
 @contextlib.contextmanager

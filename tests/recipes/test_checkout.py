@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import signal
 import sqlite3
 import subprocess
@@ -298,6 +299,14 @@ def test_demo_shows_both_passes_and_no_second_charge(
     assert second.count("no order charged twice") == 1
     assert "node results replayed from the journal: 80" in second
     assert "CHARGED TWICE" not in text
+    # the guards act on the first pass: the rate limit spaces the calls, the breaker holds
+    # through the demo's faults, nothing falls back; the replayed pass never reaches them
+    waits = re.search(r"rate limit payments-api: (\d+) calls waited their turn", first)
+    assert waits is not None, first
+    assert int(waits[1]) > 0
+    assert "circuit payments-api: closed throughout; 0 calls rejected" in first
+    assert "fallbacks: 0" in first
+    assert "rate limit payments-api" not in second
     data = tmp_path / "tmp" / "demo"
     assert len(audit_files(data)) == 20
     assert sum(stock(data).values()) == 3 * STOCK - sum(o.qty for o in checkout.make_orders(20))
@@ -323,5 +332,6 @@ def test_help_lists_the_flags(capsys: pytest.CaptureFixture[str]) -> None:
         "--again",
         "--quiet",
         "--demo",
+        "--outage",
     ):
         assert flag in text
