@@ -152,13 +152,18 @@ def _deadline(spec: NodeSpec, parent: NodeContext | None) -> float | None:
     return deadline
 
 
+def _first_here(spec: NodeSpec, drive: Any, runner: Any) -> bool:
+    """Whether the wrapper makes the loop's first attempt itself: nothing to bind, inject or
+    key; the function called directly, or through the per-attempt guards (which also carry
+    a threaded attempt)."""
+    return drive is runner and not spec.resources and (bool(spec.guards) or not spec.threaded)
+
+
 def _sync_wrapper(spec: NodeSpec) -> Callable[..., Any]:
     get, set_, reset = CURRENT.get, CURRENT.set, CURRENT.reset
     fn, name, modules, runtime = spec.fn, spec.name, sys.modules, RUNTIME
-    # the loop's first attempt is made here when there is nothing to bind, inject or key
-    plain = (
-        spec.drive_sync is run_sync and not spec.resources and not spec.threaded and not spec.guards
-    )
+    here = _first_here(spec, spec.drive_sync, run_sync)
+    guarded = bool(spec.guards)
     retries = spec.retry is not None
     total = spec.total_timeout
 
@@ -170,10 +175,12 @@ def _sync_wrapper(spec: NodeSpec) -> Callable[..., Any]:
             ctx = NodeContext(spec, parent, _deadline(spec, parent))
         token = set_(ctx)
         try:
-            if not plain or runtime.sinks or is_enabled_for(DEBUG):
+            if not here or runtime.sinks or is_enabled_for(DEBUG):
                 return call_sync(spec, ctx, args, kwargs)
             bound = bind_log(ctx, name) if "structlog" in modules else None
             try:
+                if guarded:
+                    return guarded_sync(spec, ctx, args, kwargs)
                 return fn(*args, **kwargs)
             except Exception as exc:
                 if not retries:
@@ -191,12 +198,8 @@ def _sync_wrapper(spec: NodeSpec) -> Callable[..., Any]:
 def _async_wrapper(spec: NodeSpec) -> Callable[..., Coroutine[Any, Any, Any]]:
     get, set_, reset = CURRENT.get, CURRENT.set, CURRENT.reset
     fn, name, modules, runtime = spec.fn, spec.name, sys.modules, RUNTIME
-    plain = (
-        spec.drive_async is run_async
-        and not spec.resources
-        and not spec.threaded
-        and not spec.guards
-    )
+    here = _first_here(spec, spec.drive_async, run_async)
+    guarded = bool(spec.guards)
     retries = spec.retry is not None
     total = spec.total_timeout
 
@@ -207,10 +210,12 @@ def _async_wrapper(spec: NodeSpec) -> Callable[..., Coroutine[Any, Any, Any]]:
         )
         token = set_(ctx)
         try:
-            if not plain or runtime.sinks or is_enabled_for(DEBUG):
+            if not here or runtime.sinks or is_enabled_for(DEBUG):
                 return await call_async(spec, ctx, args, kwargs)
             bound = bind_log(ctx, name) if "structlog" in modules else None
             try:
+                if guarded:
+                    return await guarded_async(spec, ctx, args, kwargs)
                 return await fn(*args, **kwargs)
             except Exception as exc:
                 if not retries:
@@ -223,74 +228,6 @@ def _async_wrapper(spec: NodeSpec) -> Callable[..., Coroutine[Any, Any, Any]]:
             reset(token)
 
     return wrapper
-
-
-def _guarded_sync_wrapper(spec: NodeSpec) -> Callable[..., Any]:
-    """The wrapper of a sync node whose only layers are per-attempt guards (and retry):
-    its first attempt goes through the guards straight from here, as a plain node's goes
-    to its function, so that a closed breaker costs only its own bookkeeping."""
-    get, set_, reset = CURRENT.get, CURRENT.set, CURRENT.reset
-    modules, runtime = sys.modules, RUNTIME
-    retries = spec.retry is not None
-    total = spec.total_timeout
-
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        parent = get()
-        if total is None:
-            ctx = NodeContext(spec, parent, None if parent is None else parent.deadline)
-        else:
-            ctx = NodeContext(spec, parent, _deadline(spec, parent))
-        token = set_(ctx)
-        try:
-            if runtime.sinks or is_enabled_for(DEBUG) or "structlog" in modules:
-                return call_sync(spec, ctx, args, kwargs)
-            try:
-                return guarded_sync(spec, ctx, args, kwargs)
-            except Exception as exc:
-                if not retries:
-                    raise
-                return run_sync(spec, ctx, args, kwargs, exc)
-        finally:
-            reset(token)
-
-    return wrapper
-
-
-def _guarded_async_wrapper(spec: NodeSpec) -> Callable[..., Coroutine[Any, Any, Any]]:
-    """The async twin of `_guarded_sync_wrapper`."""
-    get, set_, reset = CURRENT.get, CURRENT.set, CURRENT.reset
-    modules, runtime = sys.modules, RUNTIME
-    retries = spec.retry is not None
-    total = spec.total_timeout
-
-    async def wrapper(*args: Any, **kwargs: Any) -> Any:
-        parent = get()
-        ctx = NodeContext(
-            spec, parent, _deadline(spec, parent) if total else parent and parent.deadline
-        )
-        token = set_(ctx)
-        try:
-            if runtime.sinks or is_enabled_for(DEBUG) or "structlog" in modules:
-                return await call_async(spec, ctx, args, kwargs)
-            try:
-                return await guarded_async(spec, ctx, args, kwargs)
-            except Exception as exc:
-                if not retries:
-                    raise
-                return await run_async(spec, ctx, args, kwargs, exc)
-        finally:
-            reset(token)
-
-    return wrapper
-
-
-def _wrapper(spec: NodeSpec) -> Callable[..., Any]:
-    """The decorated function: the guarded fast path when guards are the node's only extra."""
-    if spec.is_async:
-        guarded = spec.guards and not spec.resources and spec.drive_async is run_async
-        return _guarded_async_wrapper(spec) if guarded else _async_wrapper(spec)
-    guarded = spec.guards and not spec.resources and spec.drive_sync is run_sync
-    return _guarded_sync_wrapper(spec) if guarded else _sync_wrapper(spec)
 
 
 def new_context(spec: NodeSpec) -> NodeContext:
@@ -330,7 +267,7 @@ def build(fn: Callable[..., Any], config: dict[str, Any]) -> Any:
             option=sorted(unknown)[0],
         )
     spec = compile_spec(fn, config)
-    wrapper = _wrapper(spec)
+    wrapper = _async_wrapper(spec) if spec.is_async else _sync_wrapper(spec)
     try:
         functools.update_wrapper(wrapper, fn)
     except AttributeError:  # pragma: no cover - callables without __name__ etc.
