@@ -26,14 +26,12 @@ __all__ = ["MASK", "SECRET_NAME", "add_redactor", "error_text", "redact"]
 
 MASK = "***"
 
+_SECRET_PARTS = "token|secret|passw|pwd|auth|key|sig|session|credential|code|bearer"
 #: a query parameter whose name contains one of these has its value hidden
-SECRET_NAME = re.compile(
-    r"(?i)(token|secret|passw|pwd|auth|key|sig|session|credential|code|bearer)"
-)
+SECRET_NAME = re.compile(f"(?i)({_SECRET_PARTS})")
 
 _QUERY = re.compile(
-    r"(?i)([?&;][\w.\-\[\]%]*?(?:token|secret|passw|pwd|auth|key|sig|session|credential|code"
-    r"|bearer)[\w.\-\[\]%]*=)[^&#\s'\"<>]*"
+    r"(?i)([?&;][\w.\-\[\]%]*?(?:" + _SECRET_PARTS + r")[\w.\-\[\]%]*=)[^&#\s'\"<>]*"
 )
 # scheme://user:password@host (the password may hold '@'; the last '@' before the host ends it)
 _USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://[^:/?#@\s'\"]*):[^\s/?#'\"]*@")
