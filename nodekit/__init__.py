@@ -23,6 +23,7 @@ from ._errors import (
     NodeTimeout,
     OutcomeUnknown,
     RateLimited,
+    ResultRejected,
     UnsafeRetry,
 )
 from ._events import (
@@ -35,6 +36,7 @@ from ._events import (
     configure_logging,
     remove_sink,
 )
+from ._execution import attempts
 from ._map import MapResult
 from ._node import Node, node
 from ._policies import Effect, Retry, Timeout
@@ -90,6 +92,7 @@ __all__ = [
     "RateLimit",
     "RateLimited",
     "RedisStore",
+    "ResultRejected",
     "Retry",
     "SQLiteStore",
     "Sink",
@@ -98,6 +101,7 @@ __all__ = [
     "add_redactor",
     "add_sink",
     "aresolve",
+    "attempts",
     "classify",
     "configure_logging",
     "context",

@@ -62,7 +62,9 @@ class NodeContext:
     `remaining()` the seconds left before it (the smaller of this node's budget and any
     enclosing node's). `idempotency_key` is the key's digest (never the raw key) and `epoch`
     the fencing epoch of the lease, when the node is keyed; `replayed` is true when the result
-    came from the store.
+    came from the store. `key_carried` is true once the current attempt derived a downstream
+    key (`idempotency_key_for`, which `nodekit.http` and the outbox call): only then may a
+    keyed WRITE retry an ambiguous error.
     """
 
     __slots__ = (
@@ -72,6 +74,7 @@ class NodeContext:
         "deadline",
         "epoch",
         "idempotency_key",
+        "key_carried",
         "lease",
         "parent",
         "replayed",
@@ -88,6 +91,7 @@ class NodeContext:
         self.deadline = deadline
         self._run_id: str | None = None
         self.idempotency_key: str | None = None
+        self.key_carried = False
         self.epoch: int | None = None
         self.replayed = False
 
@@ -108,6 +112,7 @@ class NodeContext:
     def next_attempt(self) -> None:
         """Count the next attempt (and show it in structlog's context when bound)."""
         self.attempt += 1
+        self.key_carried = False
         if LOG_ATTEMPT.get() is not ...:
             LOG_ATTEMPT.set(self.attempt)
 
@@ -125,6 +130,7 @@ class NodeContext:
                 "add idempotency=nk.Idempotency(...) to the node",
                 node=self.node,
             )
+        self.key_carried = True  # this attempt sends the key downstream: a retry is a replay
         return derive_key(self.idempotency_key, step)
 
     def __repr__(self) -> str:

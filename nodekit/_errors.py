@@ -25,6 +25,7 @@ __all__ = [
     "NodekitWarning",
     "OutcomeUnknown",
     "RateLimited",
+    "ResultRejected",
     "UnsafeRetry",
 ]
 
@@ -62,6 +63,19 @@ class NodeTimeout(NodekitError, TimeoutError):
     # for an abandoned attempt: registers a callback run once its worker thread finishes
     # (a bulkhead gives its slot back then, not at the timeout)
     when_finished: Callable[[Callable[[], None]], None] | None = None
+
+
+class ResultRejected(NodekitError):
+    """`Retry(on_result=...)` (or a tenacity `retry_if_result`) rejected every result.
+
+    Raised when the attempts run out; `.result` is the last result, `.attempts` the attempts
+    made. The message never shows the result (it may hold anything). Permanent: a keyed call
+    releases its key, a fallback may replace it.
+    """
+
+    result: Any = None
+    attempts: int = 0
+    nodekit_kind = "permanent"
 
 
 class UnsafeRetry(NodekitError):

@@ -135,7 +135,6 @@ def compile_spec(fn: Callable[..., Any], config: dict[str, Any]) -> NodeSpec:
         spec.idempotency = compile_idempotency(idem, spec)
         spec.drive_sync = keyed_sync
         spec.drive_async = keyed_async
-        spec.replay_safe = True
         spec.on_abandoned_finish = on_abandoned_finish
     # circuit, rate limit, bulkhead around each attempt; the fallback around the whole call
     compile_resilience(spec, config)

@@ -8,13 +8,16 @@ when a node is decorated (`compile_retry`, `compile_timeout`), so that a bad val
 from __future__ import annotations
 
 import enum
+import functools
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeAlias
 
-from ._errors import ConfigError
+from ._errors import ConfigError, ResultRejected
+from ._runtime import CURRENT
 
 __all__ = [
     "Effect",
@@ -26,6 +29,7 @@ __all__ = [
     "compile_effect",
     "compile_retry",
     "compile_timeout",
+    "result_checked",
     "seconds",
 ]
 
@@ -62,6 +66,13 @@ class Retry:
     the effect rules apply; set explicitly, it wins, with a warning event when it retries an
     ambiguous error of a WRITE node without a key. `wait` and `stop` accept tenacity
     strategies in place of the built-in backoff and attempt count.
+
+    `on_result` retries a call that *returned*: a predicate over the result (true: call again)
+    or a tenacity strategy such as ``retry_if_result``. A tenacity strategy given as `on` that
+    looks at results (``retry_if_result``, ``retry_if_not_result``, or one combined with
+    ``|`` / ``&``) is honoured on results too. When the attempts run out on a rejected
+    result, `nk.ResultRejected` is raised (`.result` holds the last one). Whatever the
+    node's effect: a result-based retry is the caller's decision.
     """
 
     attempts: int = 3
@@ -72,6 +83,7 @@ class Retry:
     on: Any = None
     wait: Any = None
     stop: Any = None
+    on_result: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +157,7 @@ class RetryPlan:
     tenacity_retry: Any = None
     wait: Any = None
     stop: Any = None
+    on_result: Callable[[Any], bool] | None = None  # true: the result is rejected, call again
 
     def backoff(self, failures: int) -> float:
         base = self.initial * self.multiplier ** (failures - 1)
@@ -173,6 +186,7 @@ def compile_retry(retry: Retry | bool | None, *, node: str) -> RetryPlan | None:
     initial, max_wait, jitter = _compile_backoff(retry, node=node)
     predicate, tenacity_retry = _compile_on(retry.on, node=node)
     _check_strategies(retry, node=node)
+    on_result = _compile_on_result(retry.on_result, tenacity_retry, node=node)
     return RetryPlan(
         attempts=retry.attempts,
         initial=initial,
@@ -184,6 +198,7 @@ def compile_retry(retry: Retry | bool | None, *, node: str) -> RetryPlan | None:
         tenacity_retry=tenacity_retry,
         wait=retry.wait,
         stop=retry.stop,
+        on_result=on_result,
     )
 
 
@@ -273,7 +288,7 @@ def _compile_on(on: Any, *, node: str) -> tuple[Callable[[BaseException], bool] 
             node=node,
             option="retry.on",
         )
-    if type(on).__module__.partition(".")[0] == "tenacity":
+    if _is_tenacity(on):
         return None, on
     if callable(on):
         return on, None
@@ -283,6 +298,133 @@ def _compile_on(on: Any, *, node: str) -> tuple[Callable[[BaseException], bool] 
         node=node,
         option="retry.on",
     )
+
+
+def _is_tenacity(value: object) -> bool:
+    return type(value).__module__.partition(".")[0] == "tenacity"
+
+
+def _compile_on_result(
+    on_result: Any, tenacity_retry: Any, *, node: str
+) -> Callable[[Any], bool] | None:
+    """One predicate over a result (true: reject it, call again), or None."""
+    checks: list[Callable[[Any], bool]] = []
+    if on_result is not None:
+        if _is_tenacity(on_result):
+            _looks_at_results(on_result, node=node, option="retry.on_result")
+            checks.append(_tenacity_result_check(on_result))
+        elif callable(on_result) and not isinstance(on_result, type):
+            checks.append(on_result)
+        else:
+            raise ConfigError(
+                f"node {node!r}: retry.on_result must be a predicate over the result (true: "
+                f"call again) or a tenacity retry strategy, got {on_result!r}",
+                node=node,
+                option="retry.on_result",
+            )
+    if tenacity_retry is not None and _looks_at_results(
+        tenacity_retry, node=node, option="retry.on"
+    ):
+        checks.append(_tenacity_result_check(tenacity_retry))
+    if not checks:
+        return None
+    if len(checks) == 1:
+        return checks[0]
+    return lambda result: any(check(result) for check in checks)
+
+
+# tenacity strategies that would retry every successful result: refused, never half-honoured
+_RETRY_EVERY_RESULT = ("_retry_always", "retry_unless_exception_type")
+# tenacity strategies that look only at exceptions
+_EXCEPTIONS_ONLY = (
+    "_retry_never",
+    "retry_if_exception",
+    "retry_if_exception_type",
+    "retry_if_not_exception_type",
+    "retry_if_exception_cause_type",
+    "retry_if_exception_message",
+    "retry_if_not_exception_message",
+)
+
+
+def _looks_at_results(strategy: Any, *, node: str, option: str) -> bool:
+    """Whether a tenacity retry strategy can retry a result (so it is asked about results).
+
+    tenacity asks its strategy about every outcome, results included; nodekit does the same,
+    except for the strategies known to look at exceptions only (asking them costs a call
+    state per success). Unknown strategies are asked: never silently ignored.
+    """
+    name = type(strategy).__name__
+    if name in _RETRY_EVERY_RESULT:
+        raise ConfigError(
+            f"node {node!r}: {option} got tenacity's {name.lstrip('_')}, which retries every "
+            "successful result too; use Retry(on=Exception) to retry every error, or "
+            "Retry(on_result=...) to say which results to retry",
+            node=node,
+            option=option,
+        )
+    if name in ("retry_any", "retry_all"):
+        members = [
+            _looks_at_results(member, node=node, option=option)
+            for member in getattr(strategy, "retries", ())
+        ]
+        return any(members)
+    return name not in _EXCEPTIONS_ONLY
+
+
+def _tenacity_result_check(strategy: Any) -> Callable[[Any], bool]:
+    def check(result: Any) -> bool:
+        import tenacity
+
+        ctx = CURRENT.get()
+        attempt = ctx.attempt if ctx is not None else 1
+        state = tenacity.RetryCallState(None, None, (), {})  # type: ignore[arg-type]
+        state.attempt_number = attempt
+        state.start_time = time.monotonic()
+        outcome: Any = tenacity.Future(attempt)
+        outcome.set_result(result)
+        state.outcome = outcome
+        state.outcome_timestamp = time.monotonic()
+        return bool(strategy(state))
+
+    return check
+
+
+def result_checked(
+    fn: Callable[..., Any], check: Callable[[Any], bool], *, node: str, is_async: bool
+) -> Callable[..., Any]:
+    """`fn` raising `ResultRejected` for a result `check` rejects (the retry loop retries it)."""
+
+    def rejected(result: Any) -> ResultRejected:
+        ctx = CURRENT.get()
+        attempt = ctx.attempt if ctx is not None else 1
+        return ResultRejected(
+            f"node {node!r}: Retry(on_result=...) rejected the result of attempt {attempt} "
+            f"(a {type(result).__name__})",
+            node=node,
+            result=result,
+            attempts=attempt,
+        )
+
+    if is_async:
+
+        @functools.wraps(fn)
+        async def checked_async(*args: Any, **kwargs: Any) -> Any:
+            result = await fn(*args, **kwargs)
+            if check(result):
+                raise rejected(result)
+            return result
+
+        return checked_async
+
+    @functools.wraps(fn)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        result = fn(*args, **kwargs)
+        if check(result):
+            raise rejected(result)
+        return result
+
+    return checked
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,7 +38,8 @@ class Runtime:
     warning has been given for (e.g. a Redis server that keeps nothing on disk). Run ids are `run_prefix` (random per
     process, renewed in a forked child) followed by the next value of `run_counter`, in hex.
     `classifiers` (`nk.register_classifier`) and `redactors` (`nk.add_redactor`) are tuples kept
-    like `sinks`; the default is none of the user's.
+    like `sinks`; the default is none of the user's. `max_attempts` caps every retry loop
+    (`nodekit.testing.set_testing`), None by default.
     """
 
     __slots__ = (
@@ -46,6 +47,7 @@ class Runtime:
         "classifiers",
         "default_store",
         "lock",
+        "max_attempts",
         "redactors",
         "run_counter",
         "run_prefix",
@@ -61,6 +63,7 @@ class Runtime:
     classifiers: tuple[Callable[[BaseException], Any], ...]
     redactors: tuple[Callable[[str], str], ...]
     warned: set[str]
+    max_attempts: int | None
     run_prefix: str
     run_counter: Iterator[int]
 
@@ -83,6 +86,7 @@ class Runtime:
             self.classifiers = ()
             self.redactors = ()
             self.warned = set()
+            self.max_attempts = None
         self.reseed()
 
     def reseed(self) -> None:

@@ -19,6 +19,7 @@ from ._policies import (
     compile_effect,
     compile_retry,
     compile_timeout,
+    result_checked,
 )
 
 __all__ = ["AttemptGuard", "NodeSpec", "is_async_callable"]
@@ -71,8 +72,10 @@ class NodeSpec:
 
     `drive_sync` / `drive_async` run a call once its context is set: the attempt loop, or a
     keyed call holding its claim around it (set by `_node.py` when the node is keyed).
-    `replay_safe` is true when a repeated effect is harmless because a key guards it, so that
-    ambiguous errors may be retried; `nodekit.sql` sets it for its transactions. `guards` are
+    `replay_safe` is true when a repeated effect is harmless whatever the attempt did, so that
+    ambiguous errors may be retried; `nodekit.sql` sets it for its transactions (the effect
+    commits with its key). A keyed node is not: each attempt must carry the key downstream
+    (`NodeContext.key_carried`). `guards` are
     the per-attempt layers (circuit breaker, rate limit, bulkhead), outermost first; empty for
     most nodes, which then pay nothing for them.
     """
@@ -139,6 +142,9 @@ class NodeSpec:
         self.drive_sync = drive_sync
         self.drive_async = drive_async
         self.replay_safe = False
+        if self.retry is not None and self.retry.on_result is not None:
+            # a rejected result becomes an error the attempt loop retries (`ResultRejected`)
+            self.fn = result_checked(fn, self.retry.on_result, node=name, is_async=self.is_async)
 
     def __repr__(self) -> str:
         return f"NodeSpec({self.name!r}, effect={self.effect!r}, async={self.is_async})"

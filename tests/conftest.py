@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import socket
+import sys
 import uuid
 from collections.abc import Iterator
+from typing import Any
 from urllib.parse import urlparse
 
 import pytest
@@ -99,3 +103,67 @@ def _no_abandoned_attempts_leak() -> Iterator[None]:
     for thread in threading.enumerate():
         if thread.name.startswith("nodekit:") and thread.name != "nodekit:heartbeat":
             thread.join(max(0.0, deadline - time.monotonic()))
+
+
+# ---------------------------------------------------------------------------- secret scan
+
+# Secrets the tests plant in URLs, DSNs, headers, payloads and error messages. Every event
+# nodekit builds (what sinks, stdlib logging and structlog receive) and every log record of
+# the whole session is scanned for them; the session fails if one shows.
+PLANTED_SECRETS = (
+    "hunter2",
+    "s3cret",
+    "s3cr3t",
+    "sk_live_4242",
+    "SECRET123",
+    "4242424242424242",
+    "nk-canary-7f3a",
+)
+
+
+class _SecretScan(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.found: list[str] = []
+        self.current = "(collection)"
+
+    def check(self, where: str, text: str) -> None:
+        for secret in PLANTED_SECRETS:
+            if secret in text:
+                self.found.append(f"{self.current}: {where}: {secret!r} in {text[:300]!r}")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+        except Exception:
+            return
+        self.check(f"log {record.name}", text)
+
+
+SCAN = _SecretScan()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    import nodekit._events as events
+
+    class Scanned(events.Event):
+        __slots__ = ()
+
+        def __init__(self, **fields: Any) -> None:
+            super().__init__(**fields)
+            SCAN.check(f"event {self.name}", json.dumps(self.as_dict(), default=str))
+
+    events.Event = Scanned  # type: ignore[misc]  # emit() builds its events through it
+    logging.getLogger().addHandler(SCAN)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    SCAN.current = item.nodeid
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    logging.getLogger().removeHandler(SCAN)
+    if SCAN.found:
+        lines = "\n".join(SCAN.found[:20])
+        sys.stderr.write(f"\nplanted secrets reached events or logs:\n{lines}\n")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

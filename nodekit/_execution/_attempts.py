@@ -3,7 +3,9 @@
 `Attempts` does no I/O: it never sleeps, calls or awaits. After a failed attempt it returns
 how long to wait before the next one, or raises what the caller must see — the original
 exception with a note (PEP 678), or `UnsafeRetry` for an ambiguous failure of a WRITE that
-no key guards. The drivers (`_drivers.py`) carry its answers out.
+no key guards. A keyed WRITE retries an ambiguous failure only when the attempt carried its
+key downstream (`NodeContext.key_carried`); otherwise the original error is raised and the
+keyed call turns it into `OutcomeUnknown`. The drivers (`_drivers.py`) carry its answers out.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ from typing import Any
 
 from .._classify import AMBIGUOUS, PERMANENT, classify, retry_after
 from .._context import NodeContext
-from .._errors import CircuitOpen, ConfigError, NodeTimeout, UnsafeRetry
+from .._errors import CircuitOpen, ConfigError, NodeTimeout, ResultRejected, UnsafeRetry
 from .._events import emit, observed
 from .._policies import Effect, RetryPlan
 from .._redact import error_text
+from .._runtime import RUNTIME
 from .._spec import NodeSpec
 
 __all__ = ["Attempts", "attempt_budget", "attempt_deadline", "deadline_error"]
@@ -83,7 +86,10 @@ class Attempts:
         # Only a retry that would really happen is refused: out of attempts or of time, the
         # original error is raised, as for any other error.
         if kind == AMBIGUOUS and spec.effect is Effect.WRITE and not spec.replay_safe:
-            self._unsafe_retry(exc, plan)
+            if spec.idempotency is None:
+                self._unsafe_retry(exc, plan)
+            elif not ctx.key_carried:
+                self._uncarried(exc, plan)
         emit(
             "node.retrying",
             spec.name,
@@ -99,7 +105,9 @@ class Attempts:
     def _check_retryable(self, exc: Exception, kind: str, plan: RetryPlan) -> Any:
         """Give up unless the error is retried and attempts remain; the tenacity state, if built."""
         state = None
-        if plan.tenacity_retry is not None:
+        if isinstance(exc, ResultRejected):
+            retryable = True  # `on_result` said so: the caller's decision
+        elif plan.tenacity_retry is not None:
             state = self._tenacity_state(exc)
             retryable = bool(plan.tenacity_retry(state))
         elif plan.predicate is not None:
@@ -113,6 +121,9 @@ class Attempts:
             exhausted = bool(plan.stop(state))
         else:
             exhausted = self.ctx.attempt >= plan.attempts
+        cap = RUNTIME.max_attempts  # `nodekit.testing.set_testing`: every loop capped
+        if cap is not None and self.ctx.attempt >= cap:
+            exhausted = True
         if exhausted:
             self._give_up(exc, "retries exhausted")
         return state
@@ -129,6 +140,30 @@ class Attempts:
             exc=exc,
             reason="explicit Retry(on=...) retries an ambiguous error of a WRITE node "
             "without an idempotency key",
+        )
+
+    def _uncarried(self, exc: Exception, plan: RetryPlan) -> None:
+        """An ambiguous error of a keyed WRITE whose attempt sent no key downstream.
+
+        The key guards this process's claim, not the server: a function that calls a plain
+        client itself would repeat the effect on a retry. Not retried (the keyed call keeps
+        the key and raises `OutcomeUnknown`), unless `Retry(on=...)` says so.
+        """
+        if not plan.explicit:
+            self._give_up(
+                exc,
+                "ambiguous error, not retried: the attempt sent no idempotency key downstream "
+                "(nodekit.http, nodekit.sql or nk.context().idempotency_key_for(...)), so a "
+                "retry could repeat the effect",
+            )
+        emit(
+            "node.retry_unsafe",
+            self.spec.name,
+            self.ctx.run_id,
+            self.ctx.attempt,
+            exc=exc,
+            reason="explicit Retry(on=...) retries an ambiguous error of a keyed WRITE node "
+            "whose attempt sent no idempotency key downstream",
         )
 
     def _give_up(self, exc: Exception, reason: str | None) -> None:

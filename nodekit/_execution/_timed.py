@@ -5,6 +5,8 @@ abandoned (and reported when it finishes), and the timeout counts as ambiguous. 
 worker thread only when the node has a timeout. An async attempt is cancelled at its deadline.
 While an attempt runs, the context's deadline is the attempt's, so that `remaining()` inside
 it (nested nodes, integrations passing the deadline down) includes the per-attempt budget.
+An object bound to the thread that made it (a sqlite3 connection) fails in the worker thread:
+that failure becomes a `ConfigError` that says how to fix it (`thread_bound_error`).
 """
 
 from __future__ import annotations
@@ -17,12 +19,12 @@ from collections.abc import Callable
 from typing import Any
 
 from .._context import NodeContext
-from .._errors import NodeTimeout
+from .._errors import ConfigError, NodeTimeout
 from .._events import emit
 from .._spec import NodeSpec
 from ._attempts import attempt_budget, attempt_deadline, deadline_error
 
-__all__ = ["attempt_in_thread", "attempt_with_timeout"]
+__all__ = ["attempt_in_thread", "attempt_with_timeout", "thread_bound_error"]
 
 
 class _Box:
@@ -81,9 +83,35 @@ def attempt_in_thread(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any) 
                 abandoned=True,
                 when_finished=box.when_finished,
             )
-    if box.error is not None:
-        raise box.error
+    error = box.error
+    if error is not None:
+        bound = thread_bound_error(spec.name, kwargs, error)
+        if bound is not None:
+            raise bound from error
+        raise error
     return box.result
+
+
+def thread_bound_error(node: str, kwargs: Any, exc: BaseException) -> ConfigError | None:
+    """The `ConfigError` for a thread-bound object used in a worker thread, or None.
+
+    Only sqlite3's "objects created in a thread can only be used in that same thread" is
+    recognised (checked by name, on the failure path only). It is a `ConfigError`, so the
+    attempt loop does not retry it: every attempt runs in a new thread and would fail alike.
+    """
+    if type(exc).__module__ != "sqlite3" or "same thread" not in str(exc):
+        return None
+    params = [p for p, v in kwargs.items() if type(v).__module__ == "sqlite3"]
+    what = f"parameter {params[0]!r} is a sqlite3 object" if params else "it uses a sqlite3 object"
+    return ConfigError(
+        f"node {node!r}: {what} made in another thread, but timeout= runs the node in a "
+        "worker thread and sqlite3 objects work only in their own thread. Open the "
+        "connection inside the node, or drop timeout=, or connect with "
+        "check_same_thread=False and guard the connection with a lock (an abandoned attempt "
+        "may still be using it)",
+        node=node,
+        option=params[0] if params else None,
+    )
 
 
 def _target(

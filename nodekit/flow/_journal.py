@@ -259,7 +259,7 @@ class _Header(Holder):
         return _journal_store_error(self.journal, None, op, exc)
 
     def unrecorded(self, exc: Exception) -> Exception:
-        return _journal_store_error(self.journal, None, "complete", exc)
+        return _journal_store_error(self.journal, None, "complete", exc, self.claim)
 
 
 class _NodeEntry(Holder):
@@ -306,15 +306,22 @@ class _NodeEntry(Holder):
             return REPLAYED, journal.run.schema.decode(record.result), 0.0
         self.claim.epoch = record.epoch
         self.claim.event("idempotency.in_progress")
+        who = self.found
+        held = "" if who is None else f", {who.describe(got.now)}"
+        hint = (
+            "resume once that run ends or the lease ends (a run whose process is gone on this "
+            "host is taken over at once)"
+        )
         raise Problem(
             f"it is being run by another run with the same run_id (journal entry {key.short} is "
-            "in progress); retry once that run ends or its lease expires",
+            f"in progress{held}); {hint}",
             None,
             IdempotencyInProgress(
                 f"flow {journal.flow.name!r}: node {step.name!r} of run {journal.run.run_id!r} "
-                "is in progress elsewhere",
+                f"is in progress in another run{held}; {hint}",
                 node=step.name,
                 key_fingerprint=key.short,
+                holder=who,
             ),
         )
 
@@ -365,10 +372,12 @@ class _NodeEntry(Holder):
         return _journal_store_error(self.journal, self.step, op, exc)
 
     def unrecorded(self, exc: Exception) -> Exception:
-        return _journal_store_error(self.journal, self.step, "complete", exc)
+        return _journal_store_error(self.journal, self.step, "complete", exc, self.claim)
 
 
-def _journal_store_error(journal: Journal, step: Step | None, op: str, exc: Exception) -> Exception:
+def _journal_store_error(
+    journal: Journal, step: Step | None, op: str, exc: Exception, claim: Claim | None = None
+) -> Exception:
     """The journal's store failed at `op`: before anything ran (acquire, or the run's header),
     or after a node ran (complete: its update is not journaled, its entry stays in progress
     until the lease ends, like any outcome that could not be recorded)."""
@@ -381,10 +390,19 @@ def _journal_store_error(journal: Journal, step: Step | None, op: str, exc: Exce
         else ("the node did not run" if step is not None else "no node ran")
     )
     kind = OutcomeUnknown if ran else IdempotencyStoreError
+    context: dict[str, Any] = {}
+    held = ""
+    if ran and claim is not None:
+        who = context["holder"] = claim.held_here()
+        held = (
+            f" (the entry is {who.describe()}; a run resumed by another process on this host "
+            "once this one has exited goes through at once)"
+        )
     cause = kind(
         f"flow {journal.flow.name!r}: the store failed at {op} of {where} "
-        f"({error_text(exc)}); {after}",
+        f"({error_text(exc)}); {after}{held}",
         node=None if step is None else step.name,
+        **context,
     )
     cause.__cause__ = exc
     return Problem(f"the journal store failed at {op} ({type(exc).__name__}); {after}", None, cause)

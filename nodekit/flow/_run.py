@@ -1,24 +1,36 @@
-"""One run of a flow: its state, the decisions made on it, and its resources."""
+"""One run of a flow: its state, the decisions made on it, and its resources.
+
+Sync runs of one thread share one event loop for their async nodes and async resources
+(`thread_loop`): an async client opened in one ``flow.run`` (an ``httpx.AsyncClient`` given
+with ``nk.use``) is bound to that loop, and still works in the next run of that thread.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
+import contextvars
 import functools
 import inspect
+import os
+import threading
 import time
-from collections.abc import Callable, Mapping
-from typing import Any
+import weakref
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, TypeVar
 
 from .._errors import ConfigError, FlowError
 from .._events import emit, observed, short_error
 from .._map import LoopRunner
-from .._resources import lookup_slot, use
+from .._resources import lookup_slot, open_awaited, use
 from ._graph import FIELD, RESOURCE, STATE, FlowOptions, Plan, Step, resolve_binds
 from ._schema import Problem
 
 # what an async step hands the scheduler to apply: a node's result, an update, a replay
 RESULT, UPDATED, REPLAYED = 0, 1, 2
+
+T = TypeVar("T")
 
 
 class Run:
@@ -65,7 +77,7 @@ class Run:
         self.dirty: set[str] = set()
         self.base: dict[str, Any] = {}
         self.failed_emitted = False
-        self._loop: LoopRunner | None = None
+        self._loop: ThreadLoop | None = None
         self.t0 = time.perf_counter()
 
     # ------------------------------------------------------------------ start
@@ -87,12 +99,12 @@ class Run:
             if hasattr(value, "__enter__"):
                 exits.append(value.__exit__)
                 value = value.__enter__()
-            elif hasattr(value, "__aenter__"):
-                raise ConfigError(
-                    f"flow {self.flow.name!r}: resource {name!r} is an async context manager: "
-                    "run the flow with arun() or astream()",
-                    option=name,
-                )
+            elif hasattr(value, "__aenter__") or inspect.isawaitable(value):
+                # opened, and closed at the end of the run, on the loop its async nodes use
+                loop = self.loop()
+                value, exit = loop.run(_open_async(value))
+                if exit is not None:
+                    exits.append(functools.partial(_exit_on, loop, exit))
             made[name] = value
         if made:
             provide = use(**made)
@@ -113,6 +125,10 @@ class Run:
                 # sync node, it does so in a worker thread, never on the event loop
                 exits.append(functools.partial(_exit_in_thread, value.__exit__))
                 value = await asyncio.to_thread(value.__enter__)
+            elif inspect.isawaitable(value):
+                value, exit = await open_awaited(value)
+                if exit is not None:
+                    exits.append(exit)
             made[name] = value
         if made:
             provide = use(**made)
@@ -292,16 +308,16 @@ class Run:
         except Exception as exc:
             raise self.fail(step.name, exc)  # noqa: B904 - fail() sets the cause
 
-    def loop(self) -> LoopRunner:
+    def loop(self) -> ThreadLoop:
+        """The event loop of this run's async nodes: its thread's (one run, one loop)."""
         runner = self._loop
         if runner is None:
-            runner = self._loop = LoopRunner()
+            runner = self._loop = thread_loop()
         return runner
 
     def close_loop(self) -> None:
-        runner, self._loop = self._loop, None
-        if runner is not None:
-            runner.close()
+        # the loop is the thread's, kept for its next run (closed when the thread ends)
+        self._loop = None
 
     # ------------------------------------------------------------------ end
 
@@ -423,6 +439,22 @@ async def _exit_in_thread(exit: Callable[..., Any], *exc: Any) -> Any:
     return await asyncio.to_thread(exit, *exc)
 
 
+async def _open_async(value: Any) -> tuple[Any, Callable[..., Any] | None]:
+    """Open an async resource of a sync run: enter an async context manager, or await."""
+    if hasattr(value, "__aenter__"):
+        return await value.__aenter__(), value.__aexit__
+    return await open_awaited(value)
+
+
+async def _wait(result: Any) -> Any:
+    return (await result) if inspect.isawaitable(result) else result
+
+
+def _exit_on(loop: ThreadLoop, exit: Callable[..., Any], *exc: Any) -> Any:
+    """Close an async resource of a sync run on the loop that opened it."""
+    return loop.run(_wait(exit(*exc)))
+
+
 async def close_resources_async(exits: list[Callable[..., Any]]) -> None:
     error: BaseException | None = None
     for close in reversed(exits):
@@ -435,3 +467,103 @@ async def close_resources_async(exits: list[Callable[..., Any]]) -> None:
     exits.clear()
     if error is not None:
         raise error
+
+
+# ---------------------------------------------------------------------------- thread loops
+
+
+class ThreadLoop:
+    """The event loop that the sync runs of one thread share, created on first use.
+
+    In a thread where no loop runs, coroutines run on a loop of this thread (an
+    `asyncio.Runner` that is never made the thread's current loop), each in a copy of the
+    caller's contextvars; where one runs (`flow.run` called from async code), they run on a
+    helper thread's loop (`LoopRunner`), also kept. It is closed when its thread ends or,
+    for the main thread, at interpreter exit: tasks cancelled, async generators and the
+    default executor shut down.
+    """
+
+    __slots__ = ("__weakref__", "helper", "owner", "pid", "runner")
+
+    def __init__(self) -> None:
+        self.owner = threading.current_thread()
+        self.pid = os.getpid()
+        self.runner: asyncio.Runner | None = None
+        self.helper: LoopRunner | None = None
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            runner = self.runner
+            if runner is None:
+                runner = self.runner = asyncio.Runner(loop_factory=asyncio.new_event_loop)
+            return runner.run(coro, context=contextvars.copy_context())
+        helper = self.helper
+        if helper is None:
+            helper = self.helper = LoopRunner()
+        return helper.run(coro)
+
+    def close(self, ending: bool = False) -> None:
+        """Shut the loops down; `ending`: from the ending thread's teardown (`__del__`)."""
+        runner, self.runner = self.runner, None
+        helper, self.helper = self.helper, None
+        if self.pid != os.getpid():
+            # inherited by a forked child: its selector is the parent's (epoll), and closing
+            # it here would unregister the parent's sockets; kept, so never collected either
+            _INHERITED.append((runner, helper))
+            return
+        try:
+            if runner is not None:
+                if not ending:
+                    runner.close()
+                else:
+                    # no `shutdown_default_executor` here: a thread started from a thread's
+                    # teardown leaves a dummy thread behind; `loop.close()` stops the executor
+                    loop = runner.get_loop()
+                    try:
+                        tasks = asyncio.all_tasks(loop)
+                        for task in tasks:
+                            task.cancel()
+                        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+                        loop.run_until_complete(loop.shutdown_asyncgens())
+                    finally:
+                        loop.close()
+        finally:
+            if helper is not None:
+                helper.close()
+
+    def __del__(self) -> None:  # its thread ended, and the thread-local dropped it
+        with contextlib.suppress(Exception):
+            self.close(ending=True)
+
+
+class _Local(threading.local):
+    loop: ThreadLoop | None = None
+
+
+_LOCAL = _Local()
+_LOOPS: weakref.WeakSet[ThreadLoop] = weakref.WeakSet()  # every live one, closed at exit
+_INHERITED: list[Any] = []  # a forked child's loops of its parent (see `ThreadLoop.close`)
+
+
+def thread_loop() -> ThreadLoop:
+    """The calling thread's `ThreadLoop` (made on first use, and again after a fork)."""
+    loop = _LOCAL.loop
+    if loop is None or loop.pid != os.getpid():
+        if loop is not None:
+            loop.close()
+        loop = _LOCAL.loop = ThreadLoop()
+        _LOOPS.add(loop)
+    return loop
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    """Close the loops of this thread and of ended threads (a daemon's may still run)."""
+    current = threading.current_thread()
+    with contextlib.suppress(RuntimeError):  # another thread added one meanwhile
+        for loop in list(_LOOPS):
+            if loop.owner is current or not loop.owner.is_alive():
+                with contextlib.suppress(Exception):
+                    loop.close()

@@ -15,6 +15,7 @@ from typing import Any, Self, TypeGuard, TypeVar, cast
 
 from .._errors import IdempotencyCorruptRecord
 from .._runtime import CURRENT
+from ._holder import holder_text
 from ._store import (
     COMPLETED,
     FORMAT_VERSION,
@@ -61,7 +62,9 @@ FIELDS = (
     "result",
     "error",
     "format_version",
+    "holder",
 )
+_VERSION_AT = FIELDS.index("format_version")
 _TIMES = ("lease_expires_at", "created_at", "expires_at")
 # a time stored as text, as nodekit writes it (ASCII decimal; never nan, inf, hex or "1_0")
 _DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
@@ -98,19 +101,24 @@ def new_token() -> str:
 
 
 def can_acquire(
-    existing: Record | None, fingerprint: str, now: float, takeover: bool
+    existing: Record | None,
+    fingerprint: str,
+    now: float,
+    takeover: bool,
+    dead: str | None = None,
 ) -> tuple[bool, bool]:
-    """(acquire?, is it a takeover of an expired lease?) for the record as it stands.
+    """(acquire?, is it a takeover?) for the record as it stands.
 
     The rule every store applies atomically: absent or expired -> acquire; in progress with
-    an expired lease and the same fingerprint -> take over (if allowed); anything else -> no.
+    the same fingerprint and either an expired lease or the owner token `dead` (a holder
+    known to be gone) -> take over (if allowed); anything else -> no.
     """
     if existing is None or existing.expires_at <= now:
         return True, False
     if (
         takeover
         and existing.state == IN_PROGRESS
-        and existing.lease_expires_at <= now
+        and (existing.lease_expires_at <= now or existing.owner_token == dead)
         and existing.fingerprint == fingerprint
     ):
         return True, True
@@ -138,6 +146,10 @@ def fresh_record(
         now + lease,
         now,
         now + max(ttl, lease),
+        None,
+        None,
+        FORMAT_VERSION,
+        holder_text(),
     )
 
 
@@ -150,9 +162,10 @@ def acquisition(
     ttl: float,
     takeover: bool,
     token: str | None = None,
+    dead: str | None = None,
 ) -> tuple[Acquisition, Record | None]:
     """Decide an acquire against `existing`; returns the answer and the record to write."""
-    ok, took_over = can_acquire(existing, fingerprint, now, takeover)
+    ok, took_over = can_acquire(existing, fingerprint, now, takeover, dead)
     if not ok:
         assert existing is not None
         return Acquisition(False, existing, False, now), None
@@ -190,6 +203,7 @@ def completed(
         result,
         error,
         record.format_version,
+        record.holder,
     )
 
 
@@ -252,6 +266,7 @@ class ThreadedAsync:
         ttl: float,
         takeover: bool = True,
         token: str | None = None,
+        dead: str | None = None,
     ) -> Acquisition:
         return await self._run(
             self._sync().acquire,
@@ -261,6 +276,7 @@ class ThreadedAsync:
             ttl=ttl,
             takeover=takeover,
             token=token,
+            dead=dead,
         )
 
     async def acomplete(
@@ -347,6 +363,7 @@ def checked_record(values: Sequence[Any], store: str) -> Record:
         result,
         error,
         format_version,
+        holder,
     ) = values
     for name, text in (
         ("namespace", namespace),
@@ -390,14 +407,17 @@ def checked_record(values: Sequence[Any], store: str) -> Record:
         result,
         error,
         version,
+        # a holder is only ever trusted to be dead when it parses (`_holder.parse`), so an
+        # unreadable one is kept as None rather than refused: it only costs the wait
+        holder if type(holder) is str else None,
     )
 
 
 def record_from_fields(fields: Mapping[str, Any], store: str) -> Record:
     """`checked_record` for a store that keeps a record as named fields (a Redis hash)."""
     values = [fields.get(name) for name in FIELDS]
-    if values[-1] is None and "format_version" not in fields:
-        values[-1] = FORMAT_VERSION  # records from before the field existed
+    if values[_VERSION_AT] is None and "format_version" not in fields:
+        values[_VERSION_AT] = FORMAT_VERSION  # records from before the field existed
     return checked_record(values, store)
 
 

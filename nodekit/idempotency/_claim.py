@@ -21,7 +21,14 @@ Guarantees kept here:
   renewed meanwhile; if it never lands, the record stays in progress — never released, since
   the effect happened — and the caller gets `OutcomeUnknown` chained to the store error;
 - every write after the acquire is conditional on the token (fencing): a holder whose lease
-  was taken over never overwrites or deletes the record.
+  was taken over never overwrites or deletes the record;
+- a key held by a process that is gone (same host, `_holder.py`) is taken over at once rather
+  than after its lease: the acquire is sent again naming the dead holder's token, and the
+  store takes the record over only if that token still holds it (one of many racing callers
+  wins). What the takeover means for the effect is what an expired lease means: a holder
+  that may not take over (at most once) is refused with `OutcomeUnknown` at once instead;
+- every `IdempotencyInProgress` and `OutcomeUnknown` the protocol hands out names the key's
+  holder (host, pid, since when, the lease's end in local time; `.holder`), never the key.
 """
 
 from __future__ import annotations
@@ -30,8 +37,9 @@ import time
 from collections.abc import Awaitable, Generator
 from typing import Any
 
-from .._errors import NodekitError
+from .._errors import IdempotencyInProgress, NodekitError, OutcomeUnknown
 from .._runtime import RUNTIME
+from ._holder import DEAD, KeyHolder, key_holder, state_of
 from ._lease import Claim
 from ._renewer import RENEWER
 from ._store import COMPLETED, IN_PROGRESS, Acquisition, NotSent, Record
@@ -68,6 +76,8 @@ class Holder:
     # a monotonic instant until which a busy key is waited for (None: never wait)
     wait_until: float | None = None
     waited = False
+    # who holds the key, when the last acquire found it held (for the refusal's message)
+    found: KeyHolder | None = None
 
     def refused(self, reason: str, got: Acquisition) -> Any:
         """The key could not be acquired: return the call's value (a replay) or raise."""
@@ -133,18 +143,31 @@ def _protocol(holder: Holder) -> Protocol:
             break  # our own acquire, answered twice (a client that sent it again)
         record = got.record
         if record.fingerprint != claim.fingerprint:
-            reason = MISMATCH
-        elif record.state == COMPLETED:
-            reason = REPLAY
-        else:
-            reason = UNKNOWN if record.lease_expires_at <= got.now else BUSY
+            return holder.refused(MISMATCH, got)  # it raises
+        if record.state == COMPLETED:
+            return holder.refused(REPLAY, got)  # the stored outcome
+        # in progress: a live lease, or an expired one this caller may not take over
+        state = state_of(record.holder)  # a local check, made only when a lease is found
+        expired = record.lease_expires_at <= got.now
+        if not expired and state == DEAD and claim.dead != record.owner_token:
+            if claim.takeover:
+                claim.dead = record.owner_token  # acquire again: taken over if it still holds
+                continue
+            expired = True  # at most once: refused as after its lease, without the wait
+        found = key_holder(record.holder, record.created_at, record.lease_expires_at, state)
+        holder.found = found
         left = 0.0 if holder.wait_until is None else holder.wait_until - time.monotonic()
-        if reason != BUSY or left <= 0.0:
-            return holder.refused(reason, got)  # a replay's value, or it raises
+        if expired or left <= 0.0:
+            try:
+                return holder.refused(UNKNOWN if expired else BUSY, got)
+            except (IdempotencyInProgress, OutcomeUnknown) as exc:
+                _name_holder(exc, found, got.now)
+                raise
         holder.waited = True
         yield _SLEEP, min(pause, left)
         pause = min(pause * 2, 0.5)
     claim.epoch = got.record.epoch
+    claim.since = got.record.created_at
     holder.acquired(got)
     # hold the key while the body runs (renewed meanwhile), then settle: complete or release
     # (written out here rather than in a sub-generator: every command passes through each
@@ -158,6 +181,8 @@ def _protocol(holder: Holder) -> Protocol:
         replacement = holder.failed(exc, action)
         if replacement is exc:
             raise
+        if isinstance(replacement, OutcomeUnknown):
+            _name_holder(replacement, claim.held_here(), None)
         raise replacement from exc
     try:
         text, error = holder.encode(result)
@@ -169,7 +194,7 @@ def _protocol(holder: Holder) -> Protocol:
     try:
         record = yield _GET, None
     except Exception as exc:
-        raise holder.unrecorded(exc) from exc
+        raise _unrecorded(holder, exc) from exc
     if record is not None and record.owner_token == claim.token and record.state == COMPLETED:
         return holder.completed(result)  # our completion landed; only its reply was lost
     claim.lose()
@@ -214,7 +239,7 @@ def _complete(holder: Holder, text: str | None, error: str | None) -> Generator[
             # hears OutcomeUnknown, so an immediate retry is refused, not run again
             left = claim.lease_end - claim.lease / 4 - max(now, first + waited)
             if claim.lost or left <= 0.0:
-                raise holder.unrecorded(exc) from exc
+                raise _unrecorded(holder, exc) from exc
             claim.event("idempotency.store_error", exc=exc, op="complete", retrying=True)
             wait = min(pause, left)
             waited += wait
@@ -239,6 +264,33 @@ def _settle(holder: Holder, exc: BaseException) -> Generator[Command, Any, str]:
         else:
             claim.lose()
     return action
+
+
+# ---------------------------------------------------------------------------- holders named
+
+
+def _unrecorded(holder: Holder, exc: Exception) -> Exception:
+    error = holder.unrecorded(exc)
+    if isinstance(error, OutcomeUnknown):
+        _name_holder(error, holder.claim.held_here(), None)
+    return error
+
+
+def _name_holder(exc: NodekitError, who: KeyHolder, now: float | None) -> None:
+    """Say in `exc` who holds the key (and keep it as `.holder`), unless it says so already.
+
+    For an `OutcomeUnknown` whose message gives no way out, say how to resolve the key.
+    """
+    if getattr(exc, "holder", None) is not None or not exc.args:
+        return
+    exc.holder = who  # type: ignore[attr-defined]
+    text = f"{str(exc.args[0]).rstrip('. ')}. The key is {who.describe(now)}"
+    if isinstance(exc, OutcomeUnknown) and "resolve" not in text:
+        text += (
+            ". Once you know whether the effect happened, you may settle the key sooner: "
+            "resolve it (nk.resolve(node, *args), or `nodekit store resolve`) and call again"
+        )
+    exc.args = (text, *exc.args[1:])
 
 
 # ---------------------------------------------------------------------------- drivers
@@ -292,6 +344,16 @@ def _blocking(holder: Holder, command: int, argument: Any) -> Any:
     claim = holder.claim
     store = claim.store
     if command == _ACQUIRE:
+        if claim.dead is not None:  # a dead holder's record (a store without it is never asked)
+            return store.acquire(
+                claim.key,
+                claim.fingerprint,
+                lease=claim.lease,
+                ttl=claim.ttl,
+                takeover=claim.takeover,
+                token=claim.token,
+                dead=claim.dead,
+            )
         return store.acquire(
             claim.key,
             claim.fingerprint,
@@ -317,6 +379,16 @@ def _awaitable(holder: Holder, command: int, argument: Any) -> Awaitable[Any]:
     claim = holder.claim
     store = claim.store
     if command == _ACQUIRE:
+        if claim.dead is not None:
+            return store.aacquire(  # type: ignore[no-any-return]
+                claim.key,
+                claim.fingerprint,
+                lease=claim.lease,
+                ttl=claim.ttl,
+                takeover=claim.takeover,
+                token=claim.token,
+                dead=claim.dead,
+            )
         return store.aacquire(  # type: ignore[no-any-return]
             claim.key,
             claim.fingerprint,

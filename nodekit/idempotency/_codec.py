@@ -1,25 +1,36 @@
-"""Stored results as JSON through the node's return type; never pickle: a record is data.
+"""Stored results as JSON, equal in value and type on replay; never pickle: a record is data.
 
-A result is encoded with a pydantic `TypeAdapter` of the return annotation, so a replay is
-equal in value *and type* to the first result (`None`, `0`, `False`, `""`, `[]`, models and
-dataclasses rebuilt). Without an annotation, a result is stored only if it survives the round
-trip unchanged in value and type; otherwise the record says "completed, result unavailable"
-(the effect ran and will not run again). Anything undecodable is an `IdempotencyCorruptRecord`,
-never "absent".
+A result is first encoded with a pydantic `TypeAdapter` of the return annotation (the fast
+path for models, dataclasses and typed containers). It is stored that way only if it decodes
+back as an exact copy, compared type by type all the way down (`_typed.mismatch`). Otherwise,
+and for results without an annotation (or `Any`, `object`) that are not plain JSON, it is
+stored as tagged JSON (`_typed`), marked by a prefix that plain JSON never starts with, so
+records written as plain JSON decode exactly as before.
+
+A result that neither can hold (a class defined inside a function, a lock) is known before
+the first call returns: the record says "completed, result unavailable" (the effect ran and
+will not run again), the call returns its value, and the node warns once per type. Anything
+undecodable is an `IdempotencyCorruptRecord`, never "absent".
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+import sys
+import threading
+import warnings
 from typing import Any
 
-from .._errors import ConfigError, IdempotencyCorruptRecord
+from .._errors import ConfigError, IdempotencyCorruptRecord, NodekitWarning
 from .._redact import error_text
+from ._exact import mismatch, plain
+from ._typed import PREFIX, BadRecord, TaggedJSON, Unstorable, classes_in
 
 __all__ = ["UNAVAILABLE", "ResultCodec"]
 
 UNAVAILABLE = "unavailable"
+_OPEN = (inspect.Signature.empty, Any, object)
 
 
 class ResultCodec:
@@ -32,13 +43,23 @@ class ResultCodec:
         self.codec = codec
         self.cache_errors = cache_errors
         self.annotated = annotation is not inspect.Signature.empty
+        # no annotation, Any or object: plain JSON is stored as it is, the rest tagged
+        self.untyped = any(annotation is kind for kind in _OPEN)
         target = annotation if self.annotated else Any
         try:
-            self.adapter: Any = TypeAdapter(target)
+            try:
+                self.adapter: Any = TypeAdapter(target)
+            except Exception as exc:
+                if getattr(exc, "code", None) != "typed-dict-version":
+                    raise
+                # pydantic takes only typing_extensions' TypedDict before Python 3.12: the
+                # result is a plain dict at run time, stored like one without an annotation
+                self.untyped = True
+                self.adapter = TypeAdapter(Any)
             # pydantic-core's own entry points: TypeAdapter's wrappers cost a few µs a call
             self._to_json = self.adapter.serializer.to_json
             self._from_json = self.adapter.validator.validate_json
-            if self.annotated:
+            if self.annotated and not self.untyped:
                 self.adapter.json_schema(mode="serialization")
         except Exception as exc:
             raise ConfigError(
@@ -48,28 +69,91 @@ class ResultCodec:
                 node=node,
                 option="return type",
             ) from exc
+        self.tagged = TaggedJSON(classes_in(annotation) if self.annotated else {})
+        self._warned: set[type] = set()
+        self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ results
 
     def encode_result(self, value: Any) -> tuple[str | None, str | None]:
         """(result, error) columns for a successful value: the error column says unavailable."""
+        text, error, _ = self.encode(value)
+        return text, error
+
+    def encode(self, value: Any) -> tuple[str | None, str | None, str | None]:
+        """(result, error, warning): `warning` is set the first time a type cannot be stored.
+
+        The caller warns once the record is completed (a warning turned into an error must not
+        break the completion); the call still returns its value.
+        """
         try:
-            # A value that does not match the declared type would be stored, then fail every
-            # replay as "corrupt": prove here that it decodes, as a replay would decode it.
+            text = self._json(value)
+        except Unstorable as exc:
+            return self._unavailable(exc, exc.kind, exc.fix)
+        except Exception as exc:  # e.g. text JSON cannot hold (a lone surrogate)
+            return self._unavailable(exc, type(value), _FIX)
+        return self._wrap(text), None, None
+
+    def _json(self, value: Any) -> str:
+        """Plain JSON if it comes back exact, else tagged JSON proven to; or `Unstorable`."""
+        if self.untyped:
+            if plain(value):  # exact JSON types: the round trip is exact, nothing to prove
+                return str(self._to_json(value).decode("utf-8"))
+        else:
             # (`warnings=False`, not "none": the same, but pydantic-core parses the string
-            # form slowly, about as long as the serialization itself.)
-            raw = self._to_json(value, warnings=False)
-            back = self._from_json(raw)
-            text = raw.decode("utf-8")
-            if back != value or (not self.annotated and type(back) is not type(value)):
-                raise TypeError(f"{type(value).__qualname__} does not survive JSON unchanged")
-        except Exception as exc:
-            reason = error_text(exc, 300)  # stored in the record: redacted
-            return None, self._wrap(json.dumps({UNAVAILABLE: reason}))
-        return self._wrap(text), None
+            # form slowly, about as long as the serialization itself. `exclude_unset`: a
+            # model's unset fields come back as defaults, and still unset.)
+            try:
+                raw = self._to_json(value, warnings=False, exclude_unset=True)
+                if mismatch(value, self._from_json(raw)) is None:
+                    return str(raw.decode("utf-8"))
+            except Exception:
+                pass  # the annotation does not describe it: tagged JSON may
+        text = self.tagged.dumps(value)
+        try:
+            back = self.tagged.loads(text[len(PREFIX) :])
+        except BadRecord as exc:
+            raise Unstorable(type(value), f"does not decode from JSON ({exc})", _FIX) from None
+        differs = mismatch(value, back)
+        if differs is not None:
+            raise Unstorable(differs, "does not come back equal in value and type from JSON", _FIX)
+        return text
+
+    def _unavailable(self, exc: Exception, kind: type, fix: str) -> tuple[None, str, str | None]:
+        # stored in the record and shown in the warning: redacted
+        reason = error_text(exc, 300).removeprefix(f"{Unstorable.__name__}: ")
+        error = self._wrap(json.dumps({UNAVAILABLE: reason}))
+        with self._lock:
+            if kind in self._warned:
+                return None, error, None
+            self._warned.add(kind)
+        warning = (
+            f"node {self.node!r}: its result cannot be stored: {reason}. The call returns it, "
+            "but a repeat call with the same key raises an error saying the effect ran (it "
+            f"will not run again). Fix: {fix}"
+        )
+        return None, error, warning
+
+    def warn(self, warning: str) -> None:
+        """Issue the `encode` warning at the first caller outside nodekit."""
+        level, frame = 2, sys._getframe(1)
+        while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith(
+            "nodekit."
+        ):
+            level, frame = level + 1, frame.f_back
+        warnings.warn(warning, NodekitWarning, stacklevel=level)
 
     def decode_result(self, text: str) -> Any:
         raw = self._unwrap(text)
+        if raw.startswith(PREFIX):
+            try:
+                return self.tagged.loads(raw[len(PREFIX) :])
+            except BadRecord as exc:
+                raise IdempotencyCorruptRecord(
+                    f"node {self.node!r}: the stored result cannot be decoded "
+                    f"({error_text(exc, 300)}); the node was not run and the record was kept",
+                    node=self.node,
+                ) from None
         try:
             return self._from_json(raw)
         except Exception as exc:
@@ -139,6 +223,12 @@ class ResultCodec:
             "run and the record was kept",
             node=self.node,
         )
+
+
+_FIX = (
+    "return a JSON-friendly type (dict, list, str, int, Decimal, datetime, Enum, dataclass, "
+    "pydantic model, ...), defined at module level or named in the return annotation"
+)
 
 
 def _name(cls: type[BaseException]) -> str:

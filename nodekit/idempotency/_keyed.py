@@ -32,6 +32,7 @@ from .._errors import (
 )
 from .._events import emit, observed, wanted
 from .._execution import run_async, run_sync
+from .._policies import Effect
 from .._redact import error_text
 from .._spec import NodeSpec
 from ._claim import KEEP, RELEASE, REPLAY, STORE, Claim, Holder, drive_async, drive_sync
@@ -58,13 +59,18 @@ _REFUSALS: dict[str, tuple[str, type[NodekitError], str]] = {
     "unknown": (
         "idempotency.outcome_unknown",
         OutcomeUnknown,
-        "was held by a call that vanished mid-effect and the node delivers at most once: "
-        "resolve the key (nk.resolve or store.delete) once you know whether the effect happened",
+        "was held by a call that ended without recording its outcome (its process died or its "
+        "lease ran out), and the node delivers at most once, so nothing ran: check whether the "
+        "effect happened; if it did not, resolve the key (nk.resolve(node, *args), or "
+        "`nodekit store resolve`) and call again",
     ),
     "busy": (
         "idempotency.in_progress",
         IdempotencyInProgress,
-        "is held by a call still in progress; retry once it ends or its lease expires",
+        "is held by another call (still running, or one that failed with OutcomeUnknown and "
+        "keeps the key until its lease ends), so nothing ran: retry after the lease ends, or "
+        "wait for it (on_conflict='wait'); if you know the outcome of its effect, resolve the "
+        "key (nk.resolve(node, *args), or `nodekit store resolve`)",
     ),
 }
 
@@ -127,6 +133,7 @@ class KeyedCall(Holder):
         claim.attempt = ctx.attempt
         if plan.policy.on_conflict == "wait":
             self.wait_until = time.monotonic() + plan.wait_timeout
+        self.unstored: str | None = None  # the warning for a result that cannot be stored
 
     # ------------------------------------------------------------------ acquire
 
@@ -168,11 +175,14 @@ class KeyedCall(Holder):
 
     def encode(self, result: Any) -> tuple[str | None, str | None]:
         self.claim.attempt = self.ctx.attempt
-        return self.plan.results.encode_result(result)
+        text, error, self.unstored = self.plan.results.encode(result)
+        return text, error
 
     def completed(self, result: Any) -> Any:
         if observed():  # DEBUG, like `acquired`
             self.claim.event("idempotency.completed")
+        if self.unstored is not None:  # warned once recorded: a warning filter may raise
+            self.plan.results.warn(self.unstored)
         return result
 
     def lost(self, record: Record | None, result: Any) -> Any:
@@ -203,10 +213,17 @@ class KeyedCall(Holder):
         if action != KEEP or not isinstance(exc, Exception):
             return exc
         self.claim.event("idempotency.outcome_unknown", exc=exc)
+        why = ""
+        if self.spec.effect is Effect.WRITE and not self.ctx.key_carried:
+            why = (
+                " It was not retried: the attempt sent no idempotency key downstream, so a "
+                "retry could repeat the effect. Send it with nodekit.http, nodekit.sql or "
+                "nk.context().idempotency_key_for(...) to make retries replays."
+            )
         return OutcomeUnknown(
             f"node {self.spec.name!r}: the call failed with an ambiguous error "
             f"({type(exc).__name__}); the effect may have happened, so key "
-            f"{self.claim.key.short} stays locked until its lease expires",
+            f"{self.claim.key.short} stays locked until its lease expires.{why}",
             node=self.spec.name,
             key_fingerprint=self.claim.key.short,
         )

@@ -6,10 +6,12 @@ Shared by the claim protocol (`_claim.py`), which acquires and settles it, and t
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from .._events import emit, wanted
 from ._base import new_token
+from ._holder import ALIVE, KeyHolder, holder_text, key_holder
 from ._store import RecordKey
 
 __all__ = ["Claim"]
@@ -34,6 +36,10 @@ class Claim:
     settling = False
     lost = False
     outcome: tuple[str | None, str | None] = (None, None)  # for a late completion
+    # the owner token of a holder found dead on this host: the next acquire takes its
+    # record over even though its lease is valid (`_holder.py`)
+    dead: str | None = None
+    since = 0.0  # when the store recorded this claim's acquisition (its clock)
 
     def __init__(
         self,
@@ -72,7 +78,15 @@ class Claim:
             fields["epoch"] = self.epoch
         if self.source is not None:
             fields["source"] = self.source
+        if self.dead is not None and name == "idempotency.takeover":
+            fields["dead_holder"] = True  # taken over from a process gone, before its lease ended
         emit(name, self.node, self.run_id, self.attempt, exc=exc, key=self.key.short, **fields)
+
+    def held_here(self) -> KeyHolder:
+        """This process as the holder of this claim, for an error that says who holds the key
+        (the lease's end as this process conservatively sees it)."""
+        ends = time.time() + (self.lease_end - time.monotonic())
+        return key_holder(holder_text(), self.since, ends, ALIVE)
 
     def lose(self) -> None:
         """The lease was taken over: say so once (the renewer may have said it already)."""

@@ -30,6 +30,7 @@ COLUMNS = (
     "result",
     "error",
     "format_version",
+    "holder",
 )
 
 # one lock for every nodekit DDL in the database: concurrent CREATE … IF NOT EXISTS can fail
@@ -72,8 +73,14 @@ class Statements:
         t = name(table)
         meta = name("nodekit_meta")
         # to_regclass() takes the names as text, quoted like SQL
-        self.names = (t.as_string(), meta.as_string())
-        self.exists = sql.SQL("SELECT to_regclass(%s) IS NOT NULL AND to_regclass(%s) IS NOT NULL")
+        self.names = (t.as_string(), meta.as_string(), t.as_string())
+        # ready: both tables exist, and the records table has every column this nodekit
+        # writes (a table made by an older one gets them added, under the DDL lock)
+        self.exists = sql.SQL(
+            "SELECT to_regclass(%s) IS NOT NULL AND to_regclass(%s) IS NOT NULL"
+            " AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(%s)"
+            " AND attname = 'holder' AND NOT attisdropped)"
+        )
         cols = sql.SQL(", ").join(sql.Identifier(c) for c in COLUMNS)
         ddl: list[sql.Composed] = []
         if schema:
@@ -85,9 +92,12 @@ class Statements:
                 "fingerprint text NOT NULL, state text NOT NULL, owner_token text NOT NULL, "
                 "epoch bigint NOT NULL, lease_expires_at double precision NOT NULL, "
                 "created_at double precision NOT NULL, expires_at double precision NOT NULL, "
-                "result text, error text, format_version integer NOT NULL, "
+                "result text, error text, format_version integer NOT NULL, holder text, "
                 "PRIMARY KEY (namespace, scope, key_digest))"
             ).format(t),
+            # additive migrations of tables made by older versions: nullable columns only,
+            # so processes of the older version on the same table keep working
+            sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS holder text").format(t),
             sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (expires_at)").format(
                 sql.Identifier(f"{table}_expires"), t
             ),
@@ -110,19 +120,20 @@ class Statements:
             " INSERT INTO {t} AS r ({cols})"
             " SELECT %(namespace)s, %(scope)s, %(digest)s, %(fingerprint)s, %(in_progress)s,"
             " %(token)s, 1, clock.now + %(lease)s, clock.now, clock.now + %(span)s, NULL, NULL,"
-            " %(format_version)s FROM clock"
+            " %(format_version)s, %(holder)s FROM clock"
             " WHERE NOT EXISTS (SELECT 1 FROM prev p WHERE NOT (" + _sane("p") + " AND ("
             " p.expires_at <= clock.now OR (p.state = %(in_progress)s"
-            " AND p.lease_expires_at <= clock.now AND p.fingerprint = %(fingerprint)s"
-            " AND %(takeover)s))))"
+            " AND (p.lease_expires_at <= clock.now OR p.owner_token = %(dead)s)"
+            " AND p.fingerprint = %(fingerprint)s AND %(takeover)s))))"
             " ON CONFLICT (namespace, scope, key_digest) DO UPDATE SET"
             " fingerprint = EXCLUDED.fingerprint, state = EXCLUDED.state,"
             " owner_token = EXCLUDED.owner_token, epoch = r.epoch + 1,"
             " lease_expires_at = EXCLUDED.lease_expires_at, created_at = EXCLUDED.created_at,"
             " expires_at = EXCLUDED.expires_at, result = NULL, error = NULL,"
-            " format_version = EXCLUDED.format_version"
+            " format_version = EXCLUDED.format_version, holder = EXCLUDED.holder"
             " WHERE " + _sane("r") + " AND (r.expires_at <= EXCLUDED.created_at"
-            " OR (r.state = %(in_progress)s AND r.lease_expires_at <= EXCLUDED.created_at"
+            " OR (r.state = %(in_progress)s"
+            " AND (r.lease_expires_at <= EXCLUDED.created_at OR r.owner_token = %(dead)s)"
             " AND r.fingerprint = EXCLUDED.fingerprint AND %(takeover)s))"
             " RETURNING {cols}) "
             "SELECT true, clock.now, up.* FROM up, clock "
@@ -165,7 +176,11 @@ def key_params(key: RecordKey) -> dict[str, Any]:
 
 
 def decide(
-    rows: Sequence[Sequence[Any]], fingerprint: str, takeover: bool, store: str
+    rows: Sequence[Sequence[Any]],
+    fingerprint: str,
+    takeover: bool,
+    store: str,
+    dead: str | None = None,
 ) -> Acquisition | None:
     """The acquisition the statement's rows mean, or None: ask again.
 
@@ -196,6 +211,6 @@ def decide(
     if prev is None:
         return None
     record = checked_record(prev, store)
-    if can_acquire(record, fingerprint, now, takeover)[0]:
+    if can_acquire(record, fingerprint, now, takeover, dead)[0]:
         return None
     return Acquisition(False, record, now=now)

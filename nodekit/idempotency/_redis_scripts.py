@@ -33,7 +33,8 @@ end
 """
 
 # KEYS: record. ARGV: fingerprint, token, lease, ttl, takeover (1/0), now ('' = server TIME),
-# namespace, scope, digest, format_version.
+# namespace, scope, digest, format_version, holder (this process, JSON), dead ('' or the owner
+# token of a holder known to be gone: its record is taken over even though its lease is valid).
 # Returns {acquired, takeover, now, the record's fields as a JSON object} (one bulk string
 # parses much faster in redis-py than a nested array), and the first bad field's name when
 # the stored record is one nodekit never writes: a corrupt record is returned untouched,
@@ -69,8 +70,9 @@ if #flat > 0 then
   local bad = corrupt(h, tonumber(ARGV[10]))
   if bad then return {0, 0, fmt(now), cjson.encode(h), bad} end
   if num(h['expires_at']) > now then
-    if ARGV[5] == '1' and h['state'] == 'IN_PROGRESS'
-        and num(h['lease_expires_at']) <= now and h['fingerprint'] == ARGV[1] then
+    if ARGV[5] == '1' and h['state'] == 'IN_PROGRESS' and h['fingerprint'] == ARGV[1]
+        and (num(h['lease_expires_at']) <= now
+             or (ARGV[12] ~= '' and h['owner_token'] == ARGV[12])) then
       took = 1
     else
       return {0, 0, fmt(now), cjson.encode(h)}
@@ -83,7 +85,7 @@ local record = {
   namespace = ARGV[7], scope = ARGV[8], key_digest = ARGV[9], fingerprint = ARGV[1],
   state = 'IN_PROGRESS', owner_token = ARGV[2], epoch = string.format('%d', epoch),
   lease_expires_at = fmt(now + lease), created_at = fmt(now), expires_at = fmt(now + span),
-  format_version = ARGV[10]}
+  format_version = ARGV[10], holder = ARGV[11]}
 local fields = {}
 for name, value in pairs(record) do
   fields[#fields + 1] = name

@@ -7,6 +7,10 @@ nodes share. Every transition is conditional and atomic on the store:
 - `acquire` inserts a fresh in-progress record if the key is absent, expired, or in progress
   with an expired lease *and the same fingerprint* (and `takeover` is allowed); it returns the
   new record with a fresh owner token and a higher epoch, or the existing record untouched.
+  With ``dead=<owner token>`` it also takes over an in-progress record *held by that token*
+  whose lease is still valid (its holder process is known to be gone): atomically, so of two
+  callers that found the same dead holder exactly one wins. The record names its holder
+  (`Record.holder`: this process's identity, written by the store).
   A caller may choose the token (``token=``): when the acquire's reply is lost or its task
   cancelled, it can still release its own claim, since it knows which token to name.
 - `complete`, `release` and `renew` succeed only while ``(key, token, IN_PROGRESS)`` holds:
@@ -84,6 +88,10 @@ class Record:
     result: str | None = None
     error: str | None = None
     format_version: int = FORMAT_VERSION
+    # who acquired it: this process's identity as compact JSON (`_holder.py`), so that a
+    # caller on the same host can take over at once from a holder that died; None in records
+    # written before it was recorded
+    holder: str | None = None
 
     def expired(self, now: float) -> bool:
         return self.expires_at <= now
@@ -97,7 +105,8 @@ class Acquisition:
     """What `acquire` returns: whether this caller now holds the key, and the current record.
 
     `takeover` is true when the caller took over an in-progress record whose lease had expired
-    (its previous holder died or stalled). `now` is the store's time at the decision.
+    (its previous holder died or stalled), or whose holder was known dead (``dead=``). `now`
+    is the store's time at the decision.
     """
 
     acquired: bool
@@ -119,6 +128,7 @@ class SyncStore(Protocol):
         ttl: float,
         takeover: bool = True,
         token: str | None = None,
+        dead: str | None = None,
     ) -> Acquisition: ...
 
     def complete(
@@ -155,6 +165,7 @@ class AsyncStore(Protocol):
         ttl: float,
         takeover: bool = True,
         token: str | None = None,
+        dead: str | None = None,
     ) -> Acquisition: ...
 
     async def acomplete(

@@ -52,6 +52,7 @@ class MemoryStore:
         ttl: float,
         takeover: bool = True,
         token: str | None = None,
+        dead: str | None = None,
     ) -> Acquisition:
         slot = (key.namespace, key.scope, key.digest)
         with self._lock:
@@ -60,7 +61,7 @@ class MemoryStore:
             if self._planted:
                 existing = self._read(slot)
             answer, record = acquisition(
-                key, existing, fingerprint, now, lease, ttl, takeover, token
+                key, existing, fingerprint, now, lease, ttl, takeover, token, dead
             )
             if record is not None:
                 self._records[slot] = record
@@ -148,8 +149,11 @@ class MemoryStore:
         ttl: float,
         takeover: bool = True,
         token: str | None = None,
+        dead: str | None = None,
     ) -> Acquisition:
-        return self.acquire(key, fingerprint, lease=lease, ttl=ttl, takeover=takeover, token=token)
+        return self.acquire(
+            key, fingerprint, lease=lease, ttl=ttl, takeover=takeover, token=token, dead=dead
+        )
 
     async def acomplete(
         self, key: RecordKey, token: str, *, result: str | None, error: str | None, ttl: float

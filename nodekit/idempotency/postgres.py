@@ -9,7 +9,8 @@ returns it untouched and `checked_record` raises `IdempotencyCorruptRecord`.
 `complete`, `release` and `renew` are single ``UPDATE``/``DELETE`` statements conditional on
 ``(owner_token, IN_PROGRESS)``. Time is the server's (``clock_timestamp()``) unless a clock is
 injected. The schema, table and ``nodekit_meta`` are created on first use under an advisory
-lock, so many processes may start at once.
+lock, so many processes may start at once; a table made by an older nodekit gets the columns
+it lacks (``holder``: nullable, so older processes on the same table keep working).
 
 Connections: the sync methods share one `psycopg_pool.ConnectionPool`; each event loop gets
 a small pool of its own (`LoopPool`), since asyncio connections belong to their loop. Every
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from .._errors import ConfigError
 from .._redact import error_text
 from ._base import Closing, PoolTimeout, Unreachable, checked_record, new_token, pool_wait
+from ._holder import holder_text
 from ._pgpool import SLICE, Connections, LoopPool, watched
 from ._pgsql import COLUMNS, DDL_LOCK, Statements, decide, key_params
 from ._store import (
@@ -373,6 +375,7 @@ class PostgresStore(Closing):
         ttl: float,
         takeover: bool,
         token: str | None,
+        dead: str | None,
     ) -> dict[str, Any]:
         return {
             **key_params(key),
@@ -386,6 +389,8 @@ class PostgresStore(Closing):
             "in_progress": IN_PROGRESS,
             "completed": COMPLETED,
             "format_version": FORMAT_VERSION,
+            "holder": holder_text(),
+            "dead": dead,
         }
 
     def _complete_params(
@@ -421,14 +426,15 @@ class PostgresStore(Closing):
         ttl: float,
         takeover: bool = True,
         token: str | None = None,
+        dead: str | None = None,
     ) -> Acquisition:
-        params = self._acquire_params(key, fingerprint, lease, ttl, takeover, token)
+        params = self._acquire_params(key, fingerprint, lease, ttl, takeover, token, dead)
         statement, label = self._sql.acquire, self._label
 
         def op(conn: psycopg.Connection[Any]) -> Acquisition:
             for _ in range(_ACQUIRE_TRIES):
                 rows = conn.execute(statement, params).fetchall()
-                answer = decide(rows, fingerprint, takeover, label)
+                answer = decide(rows, fingerprint, takeover, label, dead)
                 if answer is not None:
                     return answer
             raise self._unsettled()
@@ -482,14 +488,15 @@ class PostgresStore(Closing):
         ttl: float,
         takeover: bool = True,
         token: str | None = None,
+        dead: str | None = None,
     ) -> Acquisition:
-        params = self._acquire_params(key, fingerprint, lease, ttl, takeover, token)
+        params = self._acquire_params(key, fingerprint, lease, ttl, takeover, token, dead)
         statement, label = self._sql.acquire, self._label
 
         async def op(conn: psycopg.AsyncConnection[Any]) -> Acquisition:
             for _ in range(_ACQUIRE_TRIES):
                 cur = await conn.execute(statement, params)
-                answer = decide(await cur.fetchall(), fingerprint, takeover, label)
+                answer = decide(await cur.fetchall(), fingerprint, takeover, label, dead)
                 if answer is not None:
                     return answer
             raise self._unsettled()

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from .._errors import ConfigError
 from .._redact import redact
 from ._base import Closing, PoolTimeout, new_token, pool_wait, record_from_fields
+from ._holder import holder_text
 from ._redis_clients import (
     Clients,
     Scripts,
@@ -312,7 +313,14 @@ class RedisStore(Closing):
         return "" if self._clock is None else repr(float(self._clock()))
 
     def _acquire_args(
-        self, key: RecordKey, fingerprint: str, lease: float, ttl: float, takeover: bool, token: str
+        self,
+        key: RecordKey,
+        fingerprint: str,
+        lease: float,
+        ttl: float,
+        takeover: bool,
+        token: str,
+        dead: str | None,
     ) -> list[str | int]:
         return [
             fingerprint,
@@ -325,6 +333,8 @@ class RedisStore(Closing):
             key.scope,
             key.digest,
             FORMAT_VERSION,
+            holder_text(),
+            dead or "",
         ]
 
     def _complete_args(
@@ -368,9 +378,10 @@ class RedisStore(Closing):
         ttl: float,
         takeover: bool = True,
         token: str | None = None,
+        dead: str | None = None,
     ) -> Acquisition:
         token = token or new_token()  # chosen once: a second send is then told apart
-        args = self._acquire_args(key, fingerprint, lease, ttl, takeover, token)
+        args = self._acquire_args(key, fingerprint, lease, ttl, takeover, token, dead)
         scripts = self._enter(True)
         try:
             reply = scripts.acquire(keys=[self._key(key)], args=args)
@@ -436,9 +447,10 @@ class RedisStore(Closing):
         ttl: float,
         takeover: bool = True,
         token: str | None = None,
+        dead: str | None = None,
     ) -> Acquisition:
         token = token or new_token()
-        args = self._acquire_args(key, fingerprint, lease, ttl, takeover, token)
+        args = self._acquire_args(key, fingerprint, lease, ttl, takeover, token, dead)
         scripts = await self._aenter(True)
         try:
             reply = await scripts.acquire(keys=[self._key(key)], args=args)
@@ -516,6 +528,8 @@ class RedisStore(Closing):
             "expires_at": repr(float(record.expires_at)),
             "format_version": record.format_version,
         }
+        if record.holder is not None:
+            fields["holder"] = record.holder
         if record.result is not None:
             fields["result"] = record.result
         if record.error is not None:

@@ -5,6 +5,10 @@ One file, WAL mode, safe for many threads and many processes on one host: every 
 decision as every other store, and writes. Each thread has its own connection, closed when the
 thread ends (so short-lived threads, e.g. `node.map()`'s, leave no file descriptors behind);
 the async methods run in the store's worker threads and never block the event loop.
+
+A table made by an older nodekit is brought up to date when the store opens it: columns are
+only ever added, nullable (``holder``, who acquired the record), so older processes sharing
+the file keep working.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ __all__ = ["SQLiteStore"]
 
 _COLUMNS = (
     "namespace, scope, key_digest, fingerprint, state, owner_token, epoch, "
-    "lease_expires_at, created_at, expires_at, result, error, format_version"
+    "lease_expires_at, created_at, expires_at, result, error, format_version, holder"
 )
 
 
@@ -49,6 +53,16 @@ class _Held:
 def _close_quietly(conn: sqlite3.Connection) -> None:
     with suppress(sqlite3.Error):
         conn.close()
+
+
+def _add_missing_columns(conn: sqlite3.Connection, table: str) -> None:
+    """Bring a table made by an older nodekit up to date: columns are only ever added, and
+    nullable, so older processes on the same file keep working (they name their columns and
+    leave the new ones empty). Runs inside the store's first ``BEGIN IMMEDIATE``: of many
+    processes opening the file at once, one adds the column and the others see it."""
+    have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+    if "holder" not in have:
+        conn.execute(f"ALTER TABLE {table} ADD COLUMN holder TEXT")
 
 
 class SQLiteStore(ThreadedAsync):
@@ -95,8 +109,9 @@ class SQLiteStore(ThreadedAsync):
                 "fingerprint TEXT NOT NULL, state TEXT NOT NULL, owner_token TEXT NOT NULL, "
                 "epoch INTEGER NOT NULL, lease_expires_at REAL NOT NULL, created_at REAL NOT NULL, "
                 "expires_at REAL NOT NULL, result TEXT, error TEXT, format_version INTEGER NOT NULL, "
-                "PRIMARY KEY (namespace, scope, key_digest)) WITHOUT ROWID"
+                "holder TEXT, PRIMARY KEY (namespace, scope, key_digest)) WITHOUT ROWID"
             )
+            _add_missing_columns(conn, table)
             conn.execute(f"CREATE INDEX IF NOT EXISTS {table}_expires ON {table} (expires_at)")
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS nodekit_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)"
@@ -167,7 +182,7 @@ class SQLiteStore(ThreadedAsync):
 
     def _write(self, conn: sqlite3.Connection, record: Record) -> None:
         conn.execute(
-            f"INSERT OR REPLACE INTO {self.table} ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            f"INSERT OR REPLACE INTO {self.table} ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 record.namespace,
                 record.scope,
@@ -182,6 +197,7 @@ class SQLiteStore(ThreadedAsync):
                 record.result,
                 record.error,
                 record.format_version,
+                record.holder,
             ),
         )
 
@@ -196,11 +212,12 @@ class SQLiteStore(ThreadedAsync):
         ttl: float,
         takeover: bool = True,
         token: str | None = None,
+        dead: str | None = None,
     ) -> Acquisition:
         with self._tx() as conn:
             now = self._clock()
             answer, record = acquisition(
-                key, self._read(conn, key), fingerprint, now, lease, ttl, takeover, token
+                key, self._read(conn, key), fingerprint, now, lease, ttl, takeover, token, dead
             )
             if record is not None:
                 self._write(conn, record)

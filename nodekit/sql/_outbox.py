@@ -17,6 +17,7 @@ from typing import Any
 from .._canonical import canonical_json, digest
 from .._context import current_or_none
 from .._errors import ConfigError
+from .._redact import error_text
 from ._dialect import check_table, dialect_of, is_async_connection, pg_idle, sqlite_idle
 
 __all__ = ["Message", "Outbox"]
@@ -121,7 +122,7 @@ class Outbox:
     def _mark_args(message: Message, error: BaseException | None) -> tuple[str, tuple[Any, ...]]:
         if error is None:
             return "done", (time.time(), message.id)
-        return "failed", (f"{type(error).__name__}: {error}"[:500], message.id)
+        return "failed", (error_text(error, 500), message.id)  # redacted, one line
 
     # ------------------------------------------------------------------ sync
 

@@ -310,9 +310,11 @@ def _once_sync(
             row = cur.execute(select, (key.namespace, key.digest)).fetchone()
             return _replayed(plan, key, tuple(row), fingerprint)
         value = fn(*args, **kwargs)
-        text, error = plan.results.encode_result(value)
+        text, error, unstored = plan.results.encode(value)
         cur.execute(update, (text, error, key.namespace, key.digest))
     emit("idempotency.completed", plan.node, ctx.run_id, ctx.attempt, key=key.short)
+    if unstored is not None:  # warned once committed: a warning filter may raise
+        plan.results.warn(unstored)
     return value
 
 
@@ -350,7 +352,9 @@ async def _once_async(
             row = await (await cur.execute(select, (key.namespace, key.digest))).fetchone()
             return _replayed(plan, key, tuple(row), fingerprint)
         value = await fn(*args, **kwargs)
-        text, error = plan.results.encode_result(value)
+        text, error, unstored = plan.results.encode(value)
         await cur.execute(update, (text, error, key.namespace, key.digest))
     emit("idempotency.completed", plan.node, ctx.run_id, ctx.attempt, key=key.short)
+    if unstored is not None:  # warned once committed: a warning filter may raise
+        plan.results.warn(unstored)
     return value

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -34,9 +35,11 @@ __all__ = [
     "LocalAPI",
     "ProxyStats",
     "capture_events",
+    "fresh_state",
     "instant",
     "override",
     "reset_defaults",
+    "set_testing",
 ]
 
 
@@ -78,6 +81,73 @@ def instant() -> Iterator[Instant]:
         yield handle
     finally:
         RUNTIME.sleep, RUNTIME.asleep = saved
+
+
+def set_testing(enabled: bool = True, *, attempts: int = 1) -> None:
+    """The global test switch: every retry loop makes at most `attempts` attempts, and
+    nodekit waits for nothing (as in `instant()`), until ``set_testing(False)``.
+
+    For a whole test session: ``pytest --nodekit-testing`` (or ``nodekit_testing = true`` in
+    the pytest ini options) calls it before the first test. Nodes, flows and `nk.attempts`
+    blocks all obey it; what a test sets with `instant()` still wins inside its block.
+    """
+    if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 1:
+        raise ValueError(f"set_testing(attempts=) must be an int >= 1, got {attempts!r}")
+    with RUNTIME.lock:
+        if enabled:
+            RUNTIME.max_attempts = attempts
+            RUNTIME.sleep, RUNTIME.asleep = _no_sleep, _no_asleep
+        else:
+            RUNTIME.max_attempts = None
+            RUNTIME.sleep, RUNTIME.asleep = time.sleep, asyncio.sleep
+
+
+def _no_sleep(seconds: float) -> None:
+    pass
+
+
+async def _no_asleep(seconds: float) -> None:
+    await asyncio.sleep(0)
+
+
+@contextmanager
+def fresh_state() -> Iterator[None]:
+    """Run the block with a fresh default store and no once-per-process warnings given, then
+    put back every piece of nodekit's process-wide state as it was before the block.
+
+    The pytest plugin wraps every test in it, so that a keyed node without a store gets a new
+    `MemoryStore` in each test (a parametrized test never sees the previous case's result),
+    and an event sink, classifier, redactor, `instant()` or `set_testing` a test leaves
+    behind does not leak into the next. What a session-wide fixture set up before the test
+    stays as it was.
+    """
+    with RUNTIME.lock:
+        saved = (
+            RUNTIME.sleep,
+            RUNTIME.asleep,
+            RUNTIME.default_store,
+            RUNTIME.sinks,
+            RUNTIME.classifiers,
+            RUNTIME.redactors,
+            RUNTIME.warned,
+            RUNTIME.max_attempts,
+        )
+        RUNTIME.default_store = None
+        RUNTIME.warned = set()
+    try:
+        yield
+    finally:
+        with RUNTIME.lock:
+            (
+                RUNTIME.sleep,
+                RUNTIME.asleep,
+                RUNTIME.default_store,
+                RUNTIME.sinks,
+                RUNTIME.classifiers,
+                RUNTIME.redactors,
+                RUNTIME.warned,
+                RUNTIME.max_attempts,
+            ) = saved
 
 
 def reset_defaults() -> None:

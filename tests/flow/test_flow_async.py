@@ -74,15 +74,19 @@ async def test_async_binding_of_state_fields_resources_and_defaults() -> None:
     assert log == ["open", "5 5 sess 7", "close"]
 
 
-async def test_sync_flow_resources_that_are_async_managers_need_async_mode() -> None:
+async def test_sync_runs_enter_async_flow_resources_on_their_threads_loop() -> None:
+    log: list[str] = []
+
     @asynccontextmanager
     async def session() -> AsyncIterator[str]:
+        log.append("open")
         yield "sess"
+        log.append("close")
 
-    flow = nk.Flow("needs-async", resources={"http": session})
-    flow.add(lambda http: None, name="a")
-    with pytest.raises(nk.ConfigError, match="arun"):
-        await asyncio.to_thread(flow.run, {})
+    flow = nk.Flow("sync-async-resource", resources={"http": session})
+    flow.add(lambda http: {"http": http}, name="a")
+    assert await asyncio.to_thread(flow.run, {}) == {"http": "sess"}
+    assert log == ["open", "close"]
 
 
 async def test_async_updates_from_dicts_models_outputs_and_none() -> None:

@@ -1000,12 +1000,13 @@ def test_handler_that_raises_leaves_the_message_pending(backend: Backend, db: An
 
     def flaky(message: Message) -> None:
         if message.payload["order_id"] == "o-1":
-            raise RuntimeError("api down")
+            raise RuntimeError("api down:\nGET https://api.test/send?api_key=SECRET123")
 
     assert OUTBOX.dispatch(db, flaky) == 1  # o-2 went through; o-1 did not stop it
+    # the last error is stored redacted and on one line, like an event's
     assert backend.rows(
         f"SELECT attempts, last_error FROM {OUTBOX_TABLE} WHERE dispatched_at IS NULL"
-    ) == [(1, "RuntimeError: api down")]
+    ) == [(1, "RuntimeError: api down:; GET https://api.test/send?api_key=***")]
     (message,) = OUTBOX.pending(db)
     assert message.attempts == 1
     delivered: list[Message] = []
