@@ -3,12 +3,9 @@
 Each item is one ordinary call of the node (its retries, timeout, key and events apply per
 item). Results come back in input order in a `MapResult`; an item's failure is recorded beside
 the others' results instead of losing them. `map` runs sync nodes in worker threads (each
-item in a copy of the caller's contextvars) and async nodes on a private event loop; `amap`
-runs async nodes as tasks and sync nodes through `asyncio.to_thread`, never blocking the loop.
-
-`LoopRunner` lives here because sync-mode flows use it too: it runs coroutines from sync code,
-on a private loop in the calling thread, or in a helper thread when this thread already runs
-a loop (so a sync call works from inside async code).
+item in a copy of the caller's contextvars) and async nodes on the calling thread's event
+loop (`_loops.thread_loop`, kept across calls, like a sync flow's); `amap` runs async nodes as
+tasks and sync nodes through `asyncio.to_thread`, never blocking the loop.
 """
 
 from __future__ import annotations
@@ -16,17 +13,18 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-import threading
-from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Generic, TypeVar
 
 from ._errors import ConfigError
+from ._execution import thread_bound_error
+from ._loops import thread_loop
 from ._spec import NodeSpec
 
-__all__ = ["LoopRunner", "MapResult", "attach_map", "map_async", "map_sync"]
+__all__ = ["MapResult", "attach_map", "map_async", "map_sync"]
 
 T = TypeVar("T")
 
@@ -104,11 +102,7 @@ def map_sync(
     limit = _limit(concurrency, spec.name)
     values = list(items)
     if spec.is_async:
-        runner = LoopRunner()
-        try:
-            return runner.run(map_async(call, spec, values, concurrency=limit))
-        finally:
-            runner.close()
+        return thread_loop().run(map_async(call, spec, values, concurrency=limit))
     results: list[Any] = [None] * len(values)
     errors: dict[int, Exception] = {}
     workers = min(limit or _DEFAULT_THREADS, len(values))
@@ -129,7 +123,9 @@ def map_sync(
             try:
                 results[index] = future.result()
             except Exception as exc:
-                errors[index] = exc
+                errors[index] = _in_worker(
+                    spec.name, exc, "map runs sync nodes in threads", "map with concurrency=1"
+                )
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     return _result(spec.name, results, errors)
@@ -165,7 +161,12 @@ async def map_async(
                 if is_async:
                     results[index] = await call(item)
                 else:
-                    results[index] = await asyncio.to_thread(call, item)
+                    try:
+                        results[index] = await asyncio.to_thread(call, item)
+                    except Exception as exc:
+                        errors[index] = _in_worker(
+                            spec.name, exc, "amap runs sync nodes in threads", "use map"
+                        )
             except Exception as exc:
                 errors[index] = exc
 
@@ -187,66 +188,11 @@ def attach_map(wrapper: Any, spec: NodeSpec) -> None:
     wrapper.amap = functools.partial(map_async, wrapper, spec)
 
 
-# ---------------------------------------------------------------------------- loop runner
-
-
-class LoopRunner:
-    """Run coroutines to completion from sync code, on a private event loop.
-
-    The loop is created on first use: in the calling thread when no loop runs there, else in
-    a helper thread (a thread whose loop is running cannot run another). Coroutines run in a
-    copy of the caller's contextvars. `close()` shuts the loop down (async generators, the
-    default executor) and must be called once the owner is done.
-    """
-
-    __slots__ = ("_loop", "_runner", "_thread")
-
-    def __init__(self) -> None:
-        self._runner: asyncio.Runner | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        if self._runner is None and self._loop is None:
-            try:
-                asyncio.get_running_loop()
-            except RuntimeError:
-                self._runner = asyncio.Runner()
-            else:
-                self._start_thread()
-        if self._runner is not None:
-            return self._runner.run(coro)
-        assert self._loop is not None
-        # run_coroutine_threadsafe schedules in a copy of this thread's context
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
-
-    def _start_thread(self) -> None:
-        loop = asyncio.new_event_loop()
-        ready = threading.Event()
-
-        def main() -> None:
-            asyncio.set_event_loop(loop)
-            loop.call_soon(ready.set)
-            try:
-                loop.run_forever()
-            finally:
-                try:
-                    loop.run_until_complete(loop.shutdown_asyncgens())
-                    loop.run_until_complete(loop.shutdown_default_executor())
-                finally:
-                    loop.close()
-
-        thread = threading.Thread(target=main, name="nodekit-loop", daemon=True)
-        thread.start()
-        ready.wait()
-        self._loop, self._thread = loop, thread
-
-    def close(self) -> None:
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            runner.close()
-        loop, thread = self._loop, self._thread
-        self._loop = self._thread = None
-        if loop is not None and thread is not None:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join()
+def _in_worker(node: str, exc: Exception, where: str, instead: str) -> Exception:
+    """An item's error from a worker thread; a sqlite3 object made in another thread becomes
+    the `ConfigError` that says how to fix it (chained to sqlite3's error)."""
+    bound = thread_bound_error(node, {}, exc, where=where, instead=instead)
+    if bound is None:
+        return exc
+    bound.__cause__ = exc
+    return bound

@@ -230,6 +230,22 @@ def test_async_client_given_with_use_works_across_repeated_sync_runs(api: LocalA
     asyncio.run(client.aclose())
 
 
+def test_async_client_given_with_use_works_across_repeated_sync_maps(api: LocalAPI) -> None:
+    """`node.map` over an async node runs on the thread's loop too, kept between calls."""
+
+    @nk.node(effect=nk.Effect.READ)
+    async def fetch(code: int, *, client: Any = nk.resource()) -> tuple[int, int]:
+        response = await client.get(f"/status/{code}")
+        return response.status_code, id(asyncio.get_running_loop())
+
+    client = httpx.AsyncClient(base_url=api.url)
+    with nk.use(client=client):
+        batches = [fetch.map([200, 201]) for _ in range(3)]
+    assert [[status for status, _ in batch.unwrap()] for batch in batches] == [[200, 201]] * 3
+    assert len({loop for batch in batches for _, loop in batch.unwrap()}) == 1
+    asyncio.run(client.aclose())
+
+
 def test_async_nodes_of_sync_runs_see_each_runs_own_context() -> None:
     flow = nk.Flow("ctx")
 
@@ -405,6 +421,45 @@ def test_main_thread_sqlite_connection_in_a_timed_flow_node_fails_the_flow_clear
     cause = info.value.__cause__
     assert isinstance(cause, nk.ConfigError)
     assert cause.option == "db"
+
+
+async def test_main_thread_sqlite_connection_in_an_async_run_fails_the_flow_clearly() -> None:
+    """`arun` runs sync nodes in worker threads: the same error, with the way out."""
+    conn = sqlite3.connect(":memory:")
+    flow = nk.Flow("sqlite-arun")
+
+    @flow.node
+    def count(db: sqlite3.Connection) -> dict[str, int]:
+        return {"n": db.execute("SELECT 1").fetchone()[0]}
+
+    try:
+        with nk.use(db=conn), pytest.raises(nk.FlowError, match="flow.run") as info:
+            await flow.arun({})
+    finally:
+        conn.close()
+    cause = info.value.__cause__
+    assert isinstance(cause, nk.ConfigError)
+    assert cause.option == "db"
+    assert isinstance(cause.__cause__, sqlite3.ProgrammingError)
+
+
+def test_main_thread_sqlite_connection_in_a_threaded_map_says_how_to_fix_it() -> None:
+    conn = sqlite3.connect(":memory:")
+
+    @nk.node(effect=nk.Effect.READ)
+    def one(n: int, *, db: sqlite3.Connection = nk.resource()) -> int:
+        return int(db.execute("SELECT ?", (n,)).fetchone()[0])
+
+    try:
+        with nk.use(db=conn):
+            threaded = one.map([1, 2], concurrency=2)
+            inline = one.map([1, 2], concurrency=1)
+    finally:
+        conn.close()
+    assert not threaded.ok
+    assert all(isinstance(e, nk.ConfigError) for e in threaded.errors.values())
+    assert "concurrency=1" in str(threaded.errors[0])
+    assert inline.unwrap() == [1, 2]
 
 
 def test_sqlite_connection_opened_inside_a_timed_node_works() -> None:

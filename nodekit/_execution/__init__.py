@@ -10,6 +10,7 @@ from ._attempts import Attempts
 from ._drivers import bind_log, call_async, call_sync, run_async, run_sync, unbind_log
 from ._guarded import guarded_async, guarded_sync
 from ._inline import Attempt, AttemptBlock, attempts
+from ._timed import thread_bound_error
 
 __all__ = [
     "Attempt",
@@ -23,5 +24,6 @@ __all__ = [
     "guarded_sync",
     "run_async",
     "run_sync",
+    "thread_bound_error",
     "unbind_log",
 ]

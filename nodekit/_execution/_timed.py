@@ -92,23 +92,30 @@ def attempt_in_thread(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any) 
     return box.result
 
 
-def thread_bound_error(node: str, kwargs: Any, exc: BaseException) -> ConfigError | None:
+def thread_bound_error(
+    node: str,
+    kwargs: Any,
+    exc: BaseException,
+    *,
+    where: str = "timeout= runs the node in a worker thread",
+    instead: str = "drop timeout=",
+) -> ConfigError | None:
     """The `ConfigError` for a thread-bound object used in a worker thread, or None.
 
     Only sqlite3's "objects created in a thread can only be used in that same thread" is
     recognised (checked by name, on the failure path only). It is a `ConfigError`, so the
     attempt loop does not retry it: every attempt runs in a new thread and would fail alike.
+    `where` says why the node ran in a worker thread, `instead` the way to avoid it.
     """
     if type(exc).__module__ != "sqlite3" or "same thread" not in str(exc):
         return None
     params = [p for p, v in kwargs.items() if type(v).__module__ == "sqlite3"]
     what = f"parameter {params[0]!r} is a sqlite3 object" if params else "it uses a sqlite3 object"
     return ConfigError(
-        f"node {node!r}: {what} made in another thread, but timeout= runs the node in a "
-        "worker thread and sqlite3 objects work only in their own thread. Open the "
-        "connection inside the node, or drop timeout=, or connect with "
-        "check_same_thread=False and guard the connection with a lock (an abandoned attempt "
-        "may still be using it)",
+        f"node {node!r}: {what} made in another thread, but {where} and sqlite3 objects "
+        f"work only in their own thread. Open the connection inside the node, or {instead}, "
+        "or connect with check_same_thread=False and guard the connection with a lock (an "
+        "abandoned attempt may still be using it)",
         node=node,
         option=params[0] if params else None,
     )

@@ -31,7 +31,7 @@ from ..idempotency._open import open_store
 from ..idempotency._policy import NodekitWarning
 from ..idempotency._store import Acquisition, Record, RecordKey
 from ._graph import FlowOptions, Step
-from ._run import REPLAYED, UPDATED, Run, replay_update
+from ._run import REPLAYED, UPDATED, Run, in_worker, replay_update
 from ._schema import Problem
 
 _HEADER_LEASE = 2.0
@@ -355,7 +355,13 @@ class _NodeEntry(Holder):
         if step.is_async:
             result = await _call_journaled_async(step, args, kwargs, record)
         else:  # a sync node in a worker thread, never blocking the loop
-            result = await asyncio.to_thread(_call_journaled_sync, step, args, kwargs, record)
+            try:
+                result = await asyncio.to_thread(_call_journaled_sync, step, args, kwargs, record)
+            except Exception as exc:
+                bound = in_worker(step.name, kwargs, exc)
+                if bound is None:
+                    raise
+                raise bound from exc
         return self.journal._prepare(step, result)
 
     def encode(self, result: Any) -> tuple[str | None, str | None]:

@@ -8,21 +8,17 @@ with ``nk.use``) is bound to that loop, and still works in the next run of that 
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
-import contextvars
 import functools
 import inspect
-import os
-import threading
 import time
-import weakref
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from .._errors import ConfigError, FlowError
 from .._events import emit, observed, short_error
-from .._map import LoopRunner
+from .._execution import thread_bound_error
+from .._loops import ThreadLoop, thread_loop
 from .._resources import lookup_slot, open_awaited, use
 from ._graph import FIELD, RESOURCE, STATE, FlowOptions, Plan, Step, resolve_binds
 from ._schema import Problem
@@ -469,101 +465,13 @@ async def close_resources_async(exits: list[Callable[..., Any]]) -> None:
         raise error
 
 
-# ---------------------------------------------------------------------------- thread loops
-
-
-class ThreadLoop:
-    """The event loop that the sync runs of one thread share, created on first use.
-
-    In a thread where no loop runs, coroutines run on a loop of this thread (an
-    `asyncio.Runner` that is never made the thread's current loop), each in a copy of the
-    caller's contextvars; where one runs (`flow.run` called from async code), they run on a
-    helper thread's loop (`LoopRunner`), also kept. It is closed when its thread ends or,
-    for the main thread, at interpreter exit: tasks cancelled, async generators and the
-    default executor shut down.
-    """
-
-    __slots__ = ("__weakref__", "helper", "owner", "pid", "runner")
-
-    def __init__(self) -> None:
-        self.owner = threading.current_thread()
-        self.pid = os.getpid()
-        self.runner: asyncio.Runner | None = None
-        self.helper: LoopRunner | None = None
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            runner = self.runner
-            if runner is None:
-                runner = self.runner = asyncio.Runner(loop_factory=asyncio.new_event_loop)
-            return runner.run(coro, context=contextvars.copy_context())
-        helper = self.helper
-        if helper is None:
-            helper = self.helper = LoopRunner()
-        return helper.run(coro)
-
-    def close(self, ending: bool = False) -> None:
-        """Shut the loops down; `ending`: from the ending thread's teardown (`__del__`)."""
-        runner, self.runner = self.runner, None
-        helper, self.helper = self.helper, None
-        if self.pid != os.getpid():
-            # inherited by a forked child: its selector is the parent's (epoll), and closing
-            # it here would unregister the parent's sockets; kept, so never collected either
-            _INHERITED.append((runner, helper))
-            return
-        try:
-            if runner is not None:
-                if not ending:
-                    runner.close()
-                else:
-                    # no `shutdown_default_executor` here: a thread started from a thread's
-                    # teardown leaves a dummy thread behind; `loop.close()` stops the executor
-                    loop = runner.get_loop()
-                    try:
-                        tasks = asyncio.all_tasks(loop)
-                        for task in tasks:
-                            task.cancel()
-                        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
-                        loop.run_until_complete(loop.shutdown_asyncgens())
-                    finally:
-                        loop.close()
-        finally:
-            if helper is not None:
-                helper.close()
-
-    def __del__(self) -> None:  # its thread ended, and the thread-local dropped it
-        with contextlib.suppress(Exception):
-            self.close(ending=True)
-
-
-class _Local(threading.local):
-    loop: ThreadLoop | None = None
-
-
-_LOCAL = _Local()
-_LOOPS: weakref.WeakSet[ThreadLoop] = weakref.WeakSet()  # every live one, closed at exit
-_INHERITED: list[Any] = []  # a forked child's loops of its parent (see `ThreadLoop.close`)
-
-
-def thread_loop() -> ThreadLoop:
-    """The calling thread's `ThreadLoop` (made on first use, and again after a fork)."""
-    loop = _LOCAL.loop
-    if loop is None or loop.pid != os.getpid():
-        if loop is not None:
-            loop.close()
-        loop = _LOCAL.loop = ThreadLoop()
-        _LOOPS.add(loop)
-    return loop
-
-
-@atexit.register
-def _close_at_exit() -> None:
-    """Close the loops of this thread and of ended threads (a daemon's may still run)."""
-    current = threading.current_thread()
-    with contextlib.suppress(RuntimeError):  # another thread added one meanwhile
-        for loop in list(_LOOPS):
-            if loop.owner is current or not loop.owner.is_alive():
-                with contextlib.suppress(Exception):
-                    loop.close()
+def in_worker(node: str, kwargs: Any, exc: Exception) -> ConfigError | None:
+    """For a sync node's error in `arun`'s worker thread: the `ConfigError` that says how to
+    fix a sqlite3 object made in another thread, or None for any other error."""
+    return thread_bound_error(
+        node,
+        kwargs,
+        exc,
+        where="flow.arun runs sync nodes in worker threads",
+        instead="run the flow with flow.run (sync mode)",
+    )

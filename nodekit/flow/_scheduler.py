@@ -21,7 +21,15 @@ from .._context import new_run_id
 from .._runtime import LOG_RUN
 from ._graph import FlowOptions, Plan, Step
 from ._journal import Journal
-from ._run import RESULT, UPDATED, Run, close_resources_async, close_resources_sync, replay_update
+from ._run import (
+    RESULT,
+    UPDATED,
+    Run,
+    close_resources_async,
+    close_resources_sync,
+    in_worker,
+    replay_update,
+)
 
 
 def _begin(
@@ -138,7 +146,13 @@ class Scheduler:
         if step.is_async:
             result = await step.call(*args, **kwargs)
         else:
-            result = await asyncio.to_thread(step.call, *args, **kwargs)
+            try:
+                result = await asyncio.to_thread(step.call, *args, **kwargs)
+            except Exception as exc:
+                bound = in_worker(step.name, kwargs, exc)
+                if bound is None:
+                    raise
+                raise bound from exc
         return RESULT, result, time.perf_counter() - t0
 
     def apply(self, step: Step, outcome: tuple[int, Any, float]) -> None:
