@@ -23,7 +23,6 @@ from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
-from pydantic_core import from_json, to_json
 
 from ._exact import Kind, kind_of
 
@@ -101,14 +100,18 @@ class TaggedJSON:
     """Encodes and decodes tagged JSON, resolving classes as a replay would."""
 
     def __init__(self, known: dict[str, type]) -> None:
+        from pydantic_core import from_json, to_json  # imported with the first keyed node
+
         self.known = known
         self._resolvable: set[type] = set()
+        self._to_json = to_json
+        self._from_json = from_json
 
     # ------------------------------------------------------------------ encode
 
     def dumps(self, value: Any) -> str:
         """`PREFIX` and the JSON text; `Unstorable` for what cannot be stored or found again."""
-        return PREFIX + to_json(self._enc(value)).decode("utf-8")
+        return PREFIX + self._to_json(self._enc(value)).decode("utf-8")
 
     def _enc(self, value: Any) -> Any:
         kind = type(value)
@@ -173,7 +176,7 @@ class TaggedJSON:
     def loads(self, text: str) -> Any:
         """The value of a tagged record (text after `PREFIX`); `BadRecord` if it is not one."""
         try:
-            return self._dec(from_json(text, allow_inf_nan=False))
+            return self._dec(self._from_json(text, allow_inf_nan=False))
         except BadRecord:
             raise
         except Exception as exc:
