@@ -22,7 +22,15 @@ from ._policies import (
     result_checked,
 )
 
-__all__ = ["AttemptGuard", "NodeSpec", "is_async_callable"]
+__all__ = ["AttemptGuard", "AttemptWait", "NodeSpec", "is_async_callable"]
+
+
+class AttemptWait(float):
+    """Seconds an async attempt must wait before it starts, returned by a guard's `enter`
+    that does no I/O (a local rate limit): the async loop awaits them, no coroutine made
+    when there is nothing to wait for."""
+
+    __slots__ = ()
 
 
 class AttemptGuard(Protocol):
@@ -39,7 +47,9 @@ class AttemptGuard(Protocol):
     """
 
     # whether an async node must await `aenter`/`aexit`; False: it calls `enter`/`exit`
-    # directly (they neither wait nor do I/O), which saves two coroutines an attempt
+    # directly (they do no I/O), which saves two coroutines an attempt. Such an `enter`
+    # that must wait in an async node returns an `AttemptWait` instead of sleeping: the
+    # async loop awaits it (and hands None to `exit`)
     awaits: bool
 
     def enter(self, spec: NodeSpec, ctx: Any) -> Any: ...

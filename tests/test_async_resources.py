@@ -433,7 +433,7 @@ async def test_main_thread_sqlite_connection_in_an_async_run_fails_the_flow_clea
         return {"n": db.execute("SELECT 1").fetchone()[0]}
 
     try:
-        with nk.use(db=conn), pytest.raises(nk.FlowError, match="flow.run") as info:
+        with nk.use(db=conn), pytest.raises(nk.FlowError, match=r"flow\.run") as info:
             await flow.arun({})
     finally:
         conn.close()

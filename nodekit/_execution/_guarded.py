@@ -15,7 +15,8 @@ from time import monotonic
 from typing import Any
 
 from .._context import NodeContext
-from .._spec import NodeSpec
+from .._runtime import RUNTIME
+from .._spec import AttemptWait, NodeSpec
 from ._timed import attempt_in_thread, attempt_with_timeout
 
 __all__ = ["guarded_async", "guarded_sync"]
@@ -50,7 +51,14 @@ async def guarded_async(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any
     error: BaseException | None = None
     try:
         for guard in spec.guards:
-            token = await guard.aenter(spec, ctx) if guard.awaits else guard.enter(spec, ctx)
+            if guard.awaits:
+                token = await guard.aenter(spec, ctx)
+            else:
+                token = guard.enter(spec, ctx)
+                if token.__class__ is AttemptWait:
+                    entered.append((guard, None))
+                    await RUNTIME.asleep(token)
+                    continue
             entered.append((guard, token))
         started = monotonic()
         if spec.threaded:
@@ -62,7 +70,7 @@ async def guarded_async(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any
     finally:
         now = monotonic()
         duration = now - started if started else 0.0
-        for guard, token in reversed(entered):
+        for guard, token in entered[::-1]:
             if guard.awaits:
                 await guard.aexit(spec, ctx, token, error, now, duration)
             else:

@@ -23,7 +23,6 @@ from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
-
 from ._exact import Kind, kind_of
 
 __all__ = ["PREFIX", "BadRecord", "TaggedJSON", "Unstorable", "classes_in"]

@@ -18,7 +18,7 @@ from .._errors import ConfigError, RateLimited
 from .._events import emit, observed
 from .._policies import Seconds
 from .._runtime import RUNTIME
-from .._spec import NodeSpec
+from .._spec import AttemptWait, NodeSpec
 from ._common import cell_for, check_count, check_name, check_seconds, is_refusal, state_for
 from ._state import LimiterBackend, LimiterSettings, MemoryLimiter
 
@@ -85,15 +85,15 @@ class RateLimitGuard:
     the store's error (safe: the function did not run); a pause it cannot record is dropped.
     """
 
-    __slots__ = ("backend", "name", "shared")
-
-    # entering may wait (for the rate, for a slot): an async node always awaits it
-    awaits = True
+    __slots__ = ("awaits", "backend", "name", "shared")
 
     def __init__(self, limit: RateLimit) -> None:
         self.name = limit.name
         self.backend = limit._backend
         self.shared = getattr(self.backend, "shared", False)
+        # a shared limit does I/O: awaited. A local one reserves in memory, and an async
+        # node awaits only a wait (`AttemptWait`), never a coroutine per attempt
+        self.awaits = self.shared
 
     def _granted(self, spec: NodeSpec, ctx: Any, granted: bool, wait: float) -> float:
         """The wait before this attempt may start (reserved), or `RateLimited`."""
@@ -128,14 +128,19 @@ class RateLimitGuard:
             limit=self.name,
         )
 
-    def enter(self, spec: NodeSpec, ctx: Any) -> None:
+    def enter(self, spec: NodeSpec, ctx: Any) -> AttemptWait | None:
         try:
             granted, wait = self.backend.reserve(monotonic(), ctx.remaining())
         except Exception as exc:
             raise self._store_failed(spec, ctx, exc) from exc
+        if granted and not wait:  # the path of every attempt under the rate
+            return None
         wait = self._granted(spec, ctx, granted, wait)
         if wait:
+            if spec.is_async:
+                return AttemptWait(wait)  # the async attempt loop awaits it
             RUNTIME.sleep(wait)
+        return None
 
     async def aenter(self, spec: NodeSpec, ctx: Any) -> None:
         backend: Any = self.backend
@@ -175,6 +180,8 @@ class RateLimitGuard:
         now: float,
         duration: float,
     ) -> None:
+        if error is None:  # the path of every successful attempt
+            return
         pause = self._pause_for(error)
         if pause is None:
             return

@@ -301,6 +301,8 @@ class MemoryLimiter:
     one interval; the tolerance ``(burst - 1) * interval`` lets `burst` calls start at once
     after a quiet period."""
 
+    __slots__ = ("_interval", "_lock", "_tat", "_tolerance", "settings")
+
     def __init__(self, settings: LimiterSettings) -> None:
         self.settings = settings
         self._lock = threading.Lock()
@@ -309,7 +311,11 @@ class MemoryLimiter:
         self._tat = 0.0
 
     def reserve(self, now: float, budget: float | None) -> tuple[bool, float]:
-        with self._lock:
+        # acquire/release, not `with`: the context-manager protocol costs several times the
+        # lock itself on this, the path of every rate-limited attempt
+        lock = self._lock
+        lock.acquire()
+        try:
             tat = self._tat if self._tat > now else now
             wait = tat - self._tolerance - now
             if wait <= 0.0:
@@ -318,6 +324,8 @@ class MemoryLimiter:
                 return False, wait
             self._tat = tat + self._interval
             return True, wait
+        finally:
+            lock.release()
 
     def pause(self, now: float, seconds: float) -> bool:
         # the next call may start at now + seconds, and then one per interval (no burst)

@@ -50,10 +50,13 @@ def receipts(api: DemoAPI) -> Counter[str]:
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_the_summary_counts_what_the_guards_did_as_their_events_tell(
-    tmp_path: Path, nk_instant: Instant, mode: str
+    tmp_path: Path, nk_instant: Instant, mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Through the usual faults: the limit makes calls wait, the breaker stays closed, no
     fallback; the summary's counts are those of nodekit's events."""
+    # 10 calls/s: the ~30 calls of 12 orders come faster than that whatever the machine's
+    # load, so some must wait (instantly, `nk_instant`), well within the 15 s deadline
+    monkeypatch.setattr(checkout, "RATE", 10.0)
     plan = FaultPlan(seed=7, rate=0.25, kinds=FAST_KINDS, retry_after=0)
     count = 12
     with (
