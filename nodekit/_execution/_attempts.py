@@ -132,15 +132,7 @@ class Attempts:
         """An ambiguous error of a WRITE no key guards: refused, unless `Retry(on=...)` says so."""
         if not plan.explicit:
             self._unsafe(exc)
-        emit(
-            "node.retry_unsafe",
-            self.spec.name,
-            self.ctx.run_id,
-            self.ctx.attempt,
-            exc=exc,
-            reason="explicit Retry(on=...) retries an ambiguous error of a WRITE node "
-            "without an idempotency key",
-        )
+        self._retried_anyway(exc, "a WRITE node without an idempotency key")
 
     def _uncarried(self, exc: Exception, plan: RetryPlan) -> None:
         """An ambiguous error of a keyed WRITE whose attempt sent no key downstream.
@@ -156,14 +148,19 @@ class Attempts:
                 "(nodekit.http, nodekit.sql or nk.context().idempotency_key_for(...)), so a "
                 "retry could repeat the effect",
             )
+        self._retried_anyway(
+            exc, "a keyed WRITE node whose attempt sent no idempotency key downstream"
+        )
+
+    def _retried_anyway(self, exc: Exception, what: str) -> None:
+        """The warning event for an ambiguous error an explicit `Retry(on=...)` retries."""
         emit(
             "node.retry_unsafe",
             self.spec.name,
             self.ctx.run_id,
             self.ctx.attempt,
             exc=exc,
-            reason="explicit Retry(on=...) retries an ambiguous error of a keyed WRITE node "
-            "whose attempt sent no idempotency key downstream",
+            reason=f"explicit Retry(on=...) retries an ambiguous error of {what}",
         )
 
     def _give_up(self, exc: Exception, reason: str | None) -> None:

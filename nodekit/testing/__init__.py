@@ -122,32 +122,28 @@ def fresh_state() -> Iterator[None]:
     stays as it was.
     """
     with RUNTIME.lock:
-        saved = (
-            RUNTIME.sleep,
-            RUNTIME.asleep,
-            RUNTIME.default_store,
-            RUNTIME.sinks,
-            RUNTIME.classifiers,
-            RUNTIME.redactors,
-            RUNTIME.warned,
-            RUNTIME.max_attempts,
-        )
+        saved = [getattr(RUNTIME, name) for name in _KEPT]
         RUNTIME.default_store = None
         RUNTIME.warned = set()
     try:
         yield
     finally:
         with RUNTIME.lock:
-            (
-                RUNTIME.sleep,
-                RUNTIME.asleep,
-                RUNTIME.default_store,
-                RUNTIME.sinks,
-                RUNTIME.classifiers,
-                RUNTIME.redactors,
-                RUNTIME.warned,
-                RUNTIME.max_attempts,
-            ) = saved
+            for name, value in zip(_KEPT, saved, strict=True):
+                setattr(RUNTIME, name, value)
+
+
+# the process-wide state `fresh_state` puts back after its block
+_KEPT = (
+    "sleep",
+    "asleep",
+    "default_store",
+    "sinks",
+    "classifiers",
+    "redactors",
+    "warned",
+    "max_attempts",
+)
 
 
 def reset_defaults() -> None:
