@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.nodekit-installed
+DEMO_DIR ?= demo-data
 
 .PHONY: install test lint typecheck pytest demo bench clean
 
@@ -30,6 +31,8 @@ test: lint typecheck pytest
 
 demo: install
 	$(BIN)/python -m recipes.checkout --demo
+	@printf '\n--- the same tour with the API down for 9 requests: the circuit breaker opens, a receipt falls back to the outbox, the second pass charges the rest once it half-opens\n\n'
+	$(BIN)/python -m recipes.checkout --demo --outage 9 --quiet --data-dir $(DEMO_DIR)/outage
 
 bench: install
 	$(BIN)/python -m pip install --quiet -e . --group bench
