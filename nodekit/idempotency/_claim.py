@@ -337,6 +337,20 @@ async def drive_async(holder: Holder) -> Any:
             error = exc
 
 
+def _acquire_options(claim: Claim) -> dict[str, Any]:
+    """`acquire`'s keyword arguments; `dead` only for a dead holder's record (a store that
+    does not know it is never asked)."""
+    options = {
+        "lease": claim.lease,
+        "ttl": claim.ttl,
+        "takeover": claim.takeover,
+        "token": claim.token,
+    }
+    if claim.dead is not None:
+        options["dead"] = claim.dead
+    return options
+
+
 def _blocking(holder: Holder, command: int, argument: Any) -> Any:
     """One command, done in this thread."""
     if command == _BODY:
@@ -344,24 +358,7 @@ def _blocking(holder: Holder, command: int, argument: Any) -> Any:
     claim = holder.claim
     store = claim.store
     if command == _ACQUIRE:
-        if claim.dead is not None:  # a dead holder's record (a store without it is never asked)
-            return store.acquire(
-                claim.key,
-                claim.fingerprint,
-                lease=claim.lease,
-                ttl=claim.ttl,
-                takeover=claim.takeover,
-                token=claim.token,
-                dead=claim.dead,
-            )
-        return store.acquire(
-            claim.key,
-            claim.fingerprint,
-            lease=claim.lease,
-            ttl=claim.ttl,
-            takeover=claim.takeover,
-            token=claim.token,
-        )
+        return store.acquire(claim.key, claim.fingerprint, **_acquire_options(claim))
     if command == _COMPLETE:
         result, error = argument
         return store.complete(claim.key, claim.token, result=result, error=error, ttl=claim.ttl)
@@ -379,23 +376,8 @@ def _awaitable(holder: Holder, command: int, argument: Any) -> Awaitable[Any]:
     claim = holder.claim
     store = claim.store
     if command == _ACQUIRE:
-        if claim.dead is not None:
-            return store.aacquire(  # type: ignore[no-any-return]
-                claim.key,
-                claim.fingerprint,
-                lease=claim.lease,
-                ttl=claim.ttl,
-                takeover=claim.takeover,
-                token=claim.token,
-                dead=claim.dead,
-            )
         return store.aacquire(  # type: ignore[no-any-return]
-            claim.key,
-            claim.fingerprint,
-            lease=claim.lease,
-            ttl=claim.ttl,
-            takeover=claim.takeover,
-            token=claim.token,
+            claim.key, claim.fingerprint, **_acquire_options(claim)
         )
     if command == _COMPLETE:
         result, error = argument
