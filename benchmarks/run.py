@@ -22,6 +22,7 @@ MODULES: list[str] = [
     "flow",
     "checkout",
     "resilience",
+    "sql",
 ]
 
 

@@ -6,6 +6,11 @@
     nodekit store resolve URL NAMESPACE DIGEST
                                             delete a record whose outcome you have checked
                                             (the way out of OutcomeUnknown for at-most-once)
+    nodekit outbox run --db URL --handler module:fn [--topic T] [--batch N] [--lease S]
+                                            one outbox dispatcher, as a worker process: claims
+                                            batches, delivers them, sleeps briefly when idle;
+                                            SIGTERM / SIGINT finish the current message, give
+                                            the rest back and exit 0 (run as many as needed)
     nodekit version
 
 URLs are those of `nk.open_store`: ``sqlite:///path``, ``redis://…``, ``postgresql://…``.
@@ -14,7 +19,11 @@ URLs are those of `nk.open_store`: ``sqlite:///path``, ``redis://…``, ``postgr
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
+import signal
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -87,6 +96,111 @@ def _resolve(url: str, namespace: str, digest: str, scope: str) -> int:
         return 0 if gone else 1
 
 
+def _handler(spec: str) -> Any:
+    """The function named by ``module:attribute`` (the current directory is importable)."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise SystemExit(f"nodekit outbox run: --handler must be module:function, got {spec!r}")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    target: Any = importlib.import_module(module_name)
+    for part in attribute.split("."):
+        target = getattr(target, part)
+    if not callable(target):
+        raise SystemExit(f"nodekit outbox run: {spec} is not callable")
+    return target
+
+
+def _connect(url: str) -> Any:
+    """A connection of its own for the dispatcher: sqlite3 for ``sqlite:///``, else psycopg."""
+    from urllib.parse import unquote
+
+    if url.startswith("sqlite:///"):
+        import sqlite3
+
+        # autocommit: the dispatcher opens its own BEGIN IMMEDIATE transactions
+        return sqlite3.connect(
+            unquote(url[len("sqlite:///") :]), timeout=30.0, isolation_level=None
+        )
+    if url.split(":", 1)[0] in ("postgresql", "postgres"):
+        import psycopg
+
+        return psycopg.connect(url, autocommit=True, application_name="nodekit-outbox")
+    raise SystemExit("nodekit outbox run: --db takes sqlite:///path or postgresql://...")
+
+
+def _outbox_run(args: argparse.Namespace) -> int:
+    """Dispatch until SIGTERM or SIGINT; a lost database connection is reopened."""
+    from ._errors import ConfigError
+    from ._redact import error_text
+    from .sql import Dispatcher, Outbox
+
+    handler = _handler(args.handler)
+    try:
+        outbox = Outbox(args.table)
+        # the options are checked once, here: a mistake is an exit status, not a retry loop
+        Dispatcher(
+            None,
+            handler,
+            outbox=outbox,
+            topic=args.topic,
+            batch=args.batch,
+            lease=args.lease,
+            idle=args.idle,
+            retry_delay=args.retry_delay,
+        )
+    except ConfigError as exc:
+        print(f"nodekit outbox run: {exc}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    current: list[Dispatcher] = []
+
+    def graceful(signum: int, frame: Any) -> None:
+        stop.set()
+        for dispatcher in current:
+            dispatcher.stop()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, graceful)
+    delivered = 0
+    while not stop.is_set():
+        try:
+            conn = _connect(args.db)
+        except Exception as exc:
+            print(f"nodekit outbox: cannot connect: {error_text(exc)}", file=sys.stderr)
+            stop.wait(args.idle + 1.0)
+            continue
+        try:
+            dispatcher = Dispatcher(
+                conn,
+                handler,
+                outbox=outbox,
+                topic=args.topic,
+                batch=args.batch,
+                lease=args.lease,
+                idle=args.idle,
+                retry_delay=args.retry_delay,
+            )
+            current[:] = [dispatcher]
+            if stop.is_set():
+                break
+            print(
+                f"nodekit outbox: dispatching {outbox.table} as {dispatcher.owner}",
+                file=sys.stderr,
+                flush=True,
+            )
+            dispatcher.run()
+        except Exception as exc:  # the database's: the claims end with their lease
+            print(f"nodekit outbox: {error_text(exc)}; reconnecting", file=sys.stderr, flush=True)
+            stop.wait(args.idle + 1.0)
+        finally:
+            delivered += sum(d.delivered for d in current)
+            current.clear()
+            conn.close()
+    print(f"nodekit outbox: stopped; delivered {delivered}", file=sys.stderr, flush=True)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nodekit", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -103,7 +217,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             "digest", help="the key digest (from events: a 12-hex prefix is not enough)"
         )
         cmd.add_argument("--scope", default="", help="the scope digest, if the node uses scope=")
+    outbox = sub.add_parser("outbox", help="run outbox dispatchers")
+    outbox_verbs = outbox.add_subparsers(dest="verb", required=True)
+    run = outbox_verbs.add_parser(
+        "run", help="one competing dispatcher, until SIGTERM / SIGINT (graceful, exit 0)"
+    )
+    run.add_argument("--db", required=True, help="sqlite:///path or postgresql://...")
+    run.add_argument("--handler", required=True, help="module:function taking a Message")
+    run.add_argument("--table", default="nodekit_outbox")
+    run.add_argument("--topic", help="only messages of this topic")
+    run.add_argument("--batch", type=int, default=100, help="messages claimed at a time")
+    run.add_argument(
+        "--lease", type=float, default=30.0, help="seconds a claim lasts (renewed meanwhile)"
+    )
+    run.add_argument("--idle", type=float, default=0.5, help="seconds to sleep when idle")
+    run.add_argument(
+        "--retry-delay", type=float, default=1.0, help="seconds before a failed message again"
+    )
     args = parser.parse_args(argv)
+    if args.command == "outbox":
+        return _outbox_run(args)
     if args.command == "version":
         from . import __version__
 

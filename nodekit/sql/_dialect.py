@@ -21,9 +21,9 @@ from .._errors import ConfigError
 from .._sqlite import database_file, writer_lock
 
 __all__ = [
-    "LIMIT",
     "apg_tx",
     "check_table",
+    "checkout_timeout",
     "deadline_ms",
     "dialect_of",
     "is_async_connection",
@@ -129,13 +129,6 @@ async def apg_tx(conn: Any) -> AsyncIterator[Any]:
         yield cur
 
 
-# Only ever lowers the session's statement_timeout (0 means none), in the transaction only.
-LIMIT = (
-    "SELECT set_config('statement_timeout', %s, true) FROM pg_settings "
-    "WHERE name = 'statement_timeout' AND (setting::bigint = 0 OR setting::bigint > %s)"
-)
-
-
 def deadline_ms() -> int | None:
     """The remaining deadline as a statement_timeout, in milliseconds, or None.
 
@@ -149,3 +142,9 @@ def deadline_ms() -> int | None:
     if remaining is None:
         return None
     return max(1, int((remaining - min(0.1, remaining * 0.2)) * 1000))
+
+
+def checkout_timeout() -> float | None:
+    """How long a pool may take to lend a connection: the remaining deadline, or its default."""
+    ctx = current_or_none()
+    return ctx.remaining() if ctx is not None else None

@@ -3,22 +3,27 @@
 Guarantee: `Outbox` covers "write the row, then call the API": the message is written in the
 same transaction as the row and dispatched afterwards, with a stable key, so a crash between
 the two delays the call but never loses or duplicates it (when the API honours the key).
+Dispatchers compete safely: each message is claimed by one dispatcher at a time (`_claims`).
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import Any
 
 from .._canonical import canonical_json, digest
 from .._context import current_or_none
 from .._errors import ConfigError
-from .._redact import error_text
+from ._claim_drivers import AsyncClaims, SyncClaims, adeliver, deliver
+from ._claims import Round, check_batch, check_seconds, new_owner
 from ._dialect import check_table, dialect_of, is_async_connection, pg_idle, sqlite_idle
+from ._message import Message, messages_from
+from ._outbox_sql import OutboxSQL
 
 __all__ = ["Message", "Outbox"]
 
@@ -34,76 +39,33 @@ def _sync_dialect(conn: Any, method: str, instead: str) -> str:
     return dialect
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
-    """One outbox message: `key` is stable, so a redelivery is recognisable downstream."""
-
-    id: int
-    topic: str
-    key: str
-    payload: Any
-    attempts: int
-
-
-def _messages(rows: Iterable[Sequence[Any]]) -> list[Message]:
-    """`Message`s from ``SELECT id, topic, key, payload, attempts`` rows."""
-    return [Message(r[0], r[1], r[2], json.loads(r[3]), r[4]) for r in rows]
-
-
 class Outbox:
     """Messages written in the same transaction as a row, dispatched after it commits.
 
     `add` (`aadd` on an ``AsyncConnection``) inside the transaction; `dispatch` (or
-    `adispatch`) later, from any process: each pending message is handed to `handler` in order
-    and marked dispatched when the handler returns. A crash between commit and dispatch, or
-    between the handler and the mark, means the message is handed over again with the same
-    `key` — at-least-once delivery, made effectively once by a receiver (or a keyed node) that
-    honours the key. Two dispatchers running at once may both deliver a message.
+    `adispatch`) later, from any number of processes, threads or hosts at once: each call
+    claims a batch of pending messages under a lease, hands them to `handler` in order, and
+    marks each one dispatched in the same transaction that releases its claim. A message is
+    claimed by one dispatcher at a time; one whose dispatcher died is claimed again when the
+    lease ends. A crash between commit and dispatch, or between the handler and the mark,
+    means the message is handed over again with the same `key` — at-least-once delivery,
+    made effectively once by a receiver (or a keyed node) that honours the key.
+    `nodekit.sql.Dispatcher` (and ``nodekit outbox run``) loops over `dispatch` until stopped.
     """
 
     def __init__(self, table: str = "nodekit_outbox") -> None:
         self.table = check_table(table, "table")
+        self._statements = {d: OutboxSQL(self.table, d) for d in ("sqlite", "postgres")}
         # psycopg connections on which the table is known to exist (committed); see _ensure.
         self._ready: weakref.WeakSet[Any] = weakref.WeakSet()
+        # ... and on which it is known to have the claim columns (see _claims.SyncClaims)
+        self._claims_ready: weakref.WeakSet[Any] = weakref.WeakSet()
 
-    # ------------------------------------------------------------------ SQL
+    def __repr__(self) -> str:
+        return f"Outbox({self.table!r})"
 
-    def _ddl(self, dialect: str) -> str:
-        if dialect == "sqlite":
-            return (
-                f"CREATE TABLE IF NOT EXISTS {self.table} (id INTEGER PRIMARY KEY AUTOINCREMENT, "
-                "topic TEXT NOT NULL, key TEXT NOT NULL UNIQUE, payload TEXT NOT NULL, "
-                "created_at REAL NOT NULL, dispatched_at REAL, attempts INTEGER NOT NULL DEFAULT 0, "
-                "last_error TEXT)"
-            )
-        return (
-            f"CREATE TABLE IF NOT EXISTS {self.table} (id BIGSERIAL PRIMARY KEY, "
-            "topic TEXT NOT NULL, key TEXT NOT NULL UNIQUE, payload TEXT NOT NULL, "
-            "created_at DOUBLE PRECISION NOT NULL, dispatched_at DOUBLE PRECISION, "
-            "attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT)"
-        )
-
-    def _sql(self, dialect: str, what: str) -> str:
-        mark = "?" if dialect == "sqlite" else "%s"
-        if what == "insert":
-            return (
-                f"INSERT INTO {self.table} (topic, key, payload, created_at) VALUES "
-                f"({mark}, {mark}, {mark}, {mark}) ON CONFLICT (key) DO NOTHING"
-            )
-        if what == "pending":
-            return (
-                f"SELECT id, topic, key, payload, attempts FROM {self.table} "
-                f"WHERE dispatched_at IS NULL ORDER BY id LIMIT {mark}"
-            )
-        if what == "done":
-            return (
-                f"UPDATE {self.table} SET dispatched_at = {mark}, attempts = attempts + 1 "
-                f"WHERE id = {mark} AND dispatched_at IS NULL"
-            )
-        return (
-            f"UPDATE {self.table} SET attempts = attempts + 1, last_error = {mark} "
-            f"WHERE id = {mark} AND dispatched_at IS NULL"
-        )
+    def _sql(self, dialect: str) -> OutboxSQL:
+        return self._statements[dialect]
 
     @staticmethod
     def _message_key(topic: str, payload: Any, key: str | None) -> str:
@@ -118,11 +80,24 @@ class Outbox:
             return ctx.idempotency_key_for(f"outbox:{topic}:{material}")
         return material[:40]
 
-    @staticmethod
-    def _mark_args(message: Message, error: BaseException | None) -> tuple[str, tuple[Any, ...]]:
-        if error is None:
-            return "done", (time.time(), message.id)
-        return "failed", (error_text(error, 500), message.id)  # redacted, one line
+    def _round(
+        self,
+        *,
+        owner: str | None,
+        limit: Any,
+        topic: str | None,
+        lease: Any,
+        retry_delay: Any,
+        stop: threading.Event | None = None,
+    ) -> Round:
+        return Round(
+            owner=owner or new_owner(),
+            limit=check_batch(limit, "limit"),
+            lease=check_seconds(lease, "lease", positive=True),
+            retry_delay=check_seconds(retry_delay, "retry_delay", positive=False),
+            topic=topic,
+            stop=stop,
+        )
 
     # ------------------------------------------------------------------ sync
 
@@ -133,14 +108,14 @@ class Outbox:
         remembered once the table was created outside one (committed).
         """
         if dialect == "sqlite":
-            conn.execute(self._ddl(dialect))  # local and cheap: no need to remember
+            conn.execute(self._sql(dialect).create)  # local and cheap: no need to remember
             return
         if conn in self._ready:
             return
         idle = conn.info.transaction_status.name == "IDLE"
         with conn.transaction(), conn.cursor() as cur:  # a savepoint inside the caller's
             cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self.table,))
-            cur.execute(self._ddl(dialect))
+            cur.execute(self._sql(dialect).create)
         if idle:
             self._ready.add(conn)
 
@@ -155,16 +130,19 @@ class Outbox:
         self._ensure(conn, dialect)
         key = self._message_key(topic, payload, key)
         conn.execute(
-            self._sql(dialect, "insert"),
+            self._sql(dialect).insert,
             (topic, key, json.dumps(payload, sort_keys=True), time.time()),
         )
         return key
 
     def pending(self, conn: Any, *, limit: int = 100) -> list[Message]:
-        """The messages not dispatched yet, oldest first (commits nothing of the caller's)."""
+        """The messages not dispatched yet (claimed or not), oldest first.
+
+        Commits nothing of the caller's.
+        """
         dialect = _sync_dialect(conn, "pending", "adispatch")
         self._ensure(conn, dialect)
-        sql = self._sql(dialect, "pending")
+        sql = self._sql(dialect).pending
         if dialect == "sqlite":
             cur = conn.cursor()
             cur.row_factory = None
@@ -179,7 +157,7 @@ class Outbox:
             # connection), a savepoint inside the caller's otherwise.
             with conn.transaction(), conn.cursor(row_factory=tuple_row) as pcur:
                 rows = pcur.execute(sql, (limit,)).fetchall()
-        return _messages(rows)
+        return messages_from(rows)
 
     def _idle(self, conn: Any, dialect: str) -> None:
         what = "dispatch commits each message's mark"
@@ -188,34 +166,35 @@ class Outbox:
         else:
             pg_idle(conn, what)
 
-    def _mark(self, conn: Any, dialect: str, message: Message, error: BaseException | None) -> None:
-        what, params = self._mark_args(message, error)
-        if dialect == "sqlite":
-            with conn:  # commits (rolls back on error) the mark on its own
-                conn.execute(self._sql(dialect, what), params)
-        else:
-            with conn.transaction():
-                conn.execute(self._sql(dialect, what), params)
+    def dispatch(
+        self,
+        conn: Any,
+        handler: Callable[[Message], Any],
+        *,
+        limit: int = 100,
+        topic: str | None = None,
+        lease: float | timedelta = 30.0,
+        retry_delay: float | timedelta = 0.0,
+        owner: str | None = None,
+        stop: threading.Event | None = None,
+    ) -> int:
+        """Claim up to `limit` pending messages, hand them to `handler` in order.
 
-    def dispatch(self, conn: Any, handler: Callable[[Message], Any], *, limit: int = 100) -> int:
-        """Hand pending messages to `handler` in order; returns how many were dispatched.
-
-        A handler that raises leaves its message pending (attempts and last error recorded)
-        and dispatch moves on to the next message. The connection must be idle: each mark
-        is committed as soon as its handler returns.
+        Returns how many were delivered. Only messages of `topic`, when given. A handler that
+        raises leaves its message pending (attempts and redacted last error recorded, not
+        claimable again for `retry_delay` seconds) and dispatch moves on to the next one.
+        The claim lasts `lease` seconds and is renewed while the batch is being delivered;
+        no delivery starts with less than half of it left, so `handler` must finish well
+        within half the lease. `stop` (a `threading.Event`) ends the batch after the current
+        message and gives the rest back at once. The connection must be idle: claims and
+        marks are committed as they happen.
         """
         dialect = _sync_dialect(conn, "dispatch", "adispatch")
         self._idle(conn, dialect)
-        done = 0
-        for message in self.pending(conn, limit=limit):
-            try:
-                handler(message)
-            except Exception as exc:
-                self._mark(conn, dialect, message, exc)
-                continue
-            self._mark(conn, dialect, message, None)
-            done += 1
-        return done
+        r = self._round(
+            owner=owner, limit=limit, topic=topic, lease=lease, retry_delay=retry_delay, stop=stop
+        )
+        return deliver(SyncClaims(conn, self._sql(dialect), self._claims_ready), handler, r)
 
     # ------------------------------------------------------------------ async
 
@@ -225,7 +204,7 @@ class Outbox:
         idle = conn.info.transaction_status.name == "IDLE"
         async with conn.transaction(), conn.cursor() as cur:
             await cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self.table,))
-            await cur.execute(self._ddl("postgres"))
+            await cur.execute(self._sql("postgres").create)
         if idle:
             self._ready.add(conn)
 
@@ -239,27 +218,22 @@ class Outbox:
         await self._aensure(conn)
         key = self._message_key(topic, payload, key)
         await conn.execute(
-            self._sql("postgres", "insert"),
+            self._sql("postgres").insert,
             (topic, key, json.dumps(payload, sort_keys=True), time.time()),
         )
         return key
 
-    async def _apending(self, conn: Any, limit: int) -> list[Message]:
-        from psycopg.rows import tuple_row
-
-        await self._aensure(conn)
-        async with conn.transaction(), conn.cursor(row_factory=tuple_row) as cur:
-            await cur.execute(self._sql("postgres", "pending"), (limit,))
-            rows = await cur.fetchall()
-        return _messages(rows)
-
-    async def _amark(self, conn: Any, message: Message, error: BaseException | None) -> None:
-        what, params = self._mark_args(message, error)
-        async with conn.transaction():
-            await conn.execute(self._sql("postgres", what), params)
-
     async def adispatch(
-        self, conn: Any, handler: Callable[[Message], Awaitable[Any]], *, limit: int = 100
+        self,
+        conn: Any,
+        handler: Callable[[Message], Awaitable[Any]],
+        *,
+        limit: int = 100,
+        topic: str | None = None,
+        lease: float | timedelta = 30.0,
+        retry_delay: float | timedelta = 0.0,
+        owner: str | None = None,
+        stop: threading.Event | None = None,
     ) -> int:
         """`dispatch` with an async handler.
 
@@ -268,22 +242,10 @@ class Outbox:
         """
         dialect = dialect_of(conn)
         self._idle(conn, dialect)
-        sync = not is_async_connection(conn)
-
-        async def mark(message: Message, error: BaseException | None) -> None:
-            if sync:
-                self._mark(conn, dialect, message, error)
-            else:
-                await self._amark(conn, message, error)
-
-        messages = self.pending(conn, limit=limit) if sync else await self._apending(conn, limit)
-        done = 0
-        for message in messages:
-            try:
-                await handler(message)
-            except Exception as exc:
-                await mark(message, exc)
-                continue
-            await mark(message, None)
-            done += 1
-        return done
+        r = self._round(
+            owner=owner, limit=limit, topic=topic, lease=lease, retry_delay=retry_delay, stop=stop
+        )
+        sql = self._sql(dialect)
+        if is_async_connection(conn):
+            return await adeliver(AsyncClaims(conn, sql, self._claims_ready), handler, r)
+        return await adeliver(SyncClaims(conn, sql, self._claims_ready), handler, r)

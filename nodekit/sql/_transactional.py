@@ -2,12 +2,16 @@
 
 Guarantee: a `transactional` node's database effect happens exactly once per key, because the
 key's row and the user's writes commit or roll back together; a repeat finds the row and
-returns the stored result without running. Works with `sqlite3` and psycopg 3 connections
-(sync), and psycopg's `AsyncConnection` for ``async def`` nodes.
+returns the stored result without running. One core, here, runs every driver the same way
+(claim the key, run, store the result, commit); `_drivers` tells which driver an object
+belongs to, and each driver module only opens and ends its transactions.
 
-Transient database errors (locked, serialization failure, deadlock) roll the transaction back
-and retry the whole of it; since a rolled-back transaction changed nothing, and a commit that
-may or may not have happened is resolved by the key, every error is safe to retry.
+Transient database errors (locked, serialization failure, deadlock, lock timeout, a dropped
+connection) roll the transaction back and retry the whole of it. A rolled-back transaction
+changed nothing, and a commit whose outcome is unknown is settled by the key: the retry's
+first statement claims the key again (on a fresh connection where a pool or SQLAlchemy gives
+one), finds it committed and replays, or finds it absent and runs; a commit still in flight
+holds the key's row, so the claim waits for its outcome. Every error is therefore safe to retry.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ from __future__ import annotations
 import functools
 import inspect
 import time
-import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, TypeVar
 
@@ -29,77 +32,14 @@ from ..idempotency._claim import MISMATCH
 from ..idempotency._keyed import refusal_error, replayed
 from ..idempotency._policy import Idempotency, IdempotencyPlan
 from ..idempotency._store import RecordKey
-from ._dialect import (
-    LIMIT,
-    apg_tx,
-    check_table,
-    deadline_ms,
-    dialect_of,
-    is_async_connection,
-    pg_idle,
-    pg_tx,
-    sqlite_tx,
-)
+from ._dialect import check_table, deadline_ms
+from ._drivers import Driver, driver_of
+from ._effects import AsyncTx, Effects, Tx
 
 __all__ = ["transactional"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-
-class _Effects:
-    """The effects table of one dialect: (namespace, key_digest) -> fingerprint, result.
-
-    SQLite creates it inside each call's own transaction (a local statement, cheap and always
-    true to the file the connection has open). PostgreSQL creates it once per connection in a
-    transaction of its own, serialised by an advisory lock so that two processes starting
-    together do not race on the catalog; the connections already set up are held weakly, so
-    a new connection that reuses a closed one's ``id`` is set up again.
-    """
-
-    def __init__(self, table: str) -> None:
-        self.table = table
-        self._ready: weakref.WeakSet[Any] = weakref.WeakSet()
-
-    def ddl(self, dialect: str) -> str:
-        created = "REAL" if dialect == "sqlite" else "DOUBLE PRECISION"
-        return (
-            f"CREATE TABLE IF NOT EXISTS {self.table} (namespace TEXT NOT NULL, "
-            "key_digest TEXT NOT NULL, fingerprint TEXT NOT NULL, result TEXT, error TEXT, "
-            f"created_at {created} NOT NULL, PRIMARY KEY (namespace, key_digest))"
-        )
-
-    def ensure_sync(self, conn: Any) -> None:
-        if conn in self._ready:
-            return
-        with conn.transaction(), conn.cursor() as cur:
-            cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self.table,))
-            cur.execute(self.ddl("postgres"))
-        self._ready.add(conn)
-
-    async def ensure_async(self, conn: Any) -> None:
-        if conn in self._ready:
-            return
-        async with conn.transaction(), conn.cursor() as cur:
-            await cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self.table,))
-            await cur.execute(self.ddl("postgres"))
-        self._ready.add(conn)
-
-    def sql(self, dialect: str) -> tuple[str, str, str]:
-        mark = "?" if dialect == "sqlite" else "%s"
-        insert = (
-            f"INSERT INTO {self.table} (namespace, key_digest, fingerprint, created_at) "
-            f"VALUES ({mark}, {mark}, {mark}, {mark}) ON CONFLICT (namespace, key_digest) DO NOTHING"
-        )
-        select = (
-            f"SELECT fingerprint, result, error FROM {self.table} "
-            f"WHERE namespace = {mark} AND key_digest = {mark}"
-        )
-        update = (
-            f"UPDATE {self.table} SET result = {mark}, error = {mark} "
-            f"WHERE namespace = {mark} AND key_digest = {mark}"
-        )
-        return insert, select, update
 
 
 def _replayed(plan: IdempotencyPlan, key: RecordKey, row: tuple[Any, ...], fingerprint: str) -> Any:
@@ -153,21 +93,31 @@ def transactional(
 ) -> Callable[[Callable[P, R]], Node[P, R]]:
     """Make a function a node whose database effect happens exactly once per key.
 
-    The function takes its connection as the keyword-only parameter named by `connection`
-    (typically ``db: sqlite3.Connection = nk.resource()``). The node opens a transaction on
-    it, records the key (`key` over the arguments, as in `nk.Idempotency`), runs the function,
-    stores its JSON result and commits — all or nothing. A repeat with the same key returns
-    the stored result without running; the same key with another payload raises
-    `IdempotencyMismatch`. The connection must be idle (not inside a transaction): a busy
-    one is a `ConfigError`, since its pending work would otherwise commit with the key.
+    The function takes its database handle as the parameter named by `connection` (typically
+    ``db: Session = nk.resource()``). The node opens a transaction on it, records the key
+    (`key` over the arguments, as in `nk.Idempotency`), runs the function, stores its JSON
+    result and commits — all or nothing. A repeat with the same key returns the stored result
+    without running; the same key with another payload raises `IdempotencyMismatch`.
 
-    The remaining deadline becomes PostgreSQL's ``statement_timeout`` (per statement, never
-    raising the session's own). With a `timeout`, a sync node's attempt runs in a worker
-    thread, so a ``sqlite3`` connection must be opened with ``check_same_thread=False``; an
-    attempt abandoned at its timeout is not stopped and may still commit (once, by its key).
+    Handles: ``sqlite3`` and psycopg 3 connections; SQLAlchemy ``Session`` and ``Connection``
+    (PostgreSQL or SQLite; ORM objects added to the session commit with the key); asyncpg
+    connections, psycopg ``AsyncConnection`` and SQLAlchemy ``AsyncSession`` /
+    ``AsyncConnection`` for ``async def`` nodes. Pools lend one connection per attempt and
+    get it back: a SQLAlchemy ``Engine`` / ``AsyncEngine`` (the function receives a
+    ``Connection``), a ``sessionmaker`` / ``async_sessionmaker`` (a ``Session``),
+    ``psycopg_pool.ConnectionPool`` / ``AsyncConnectionPool`` and ``asyncpg.Pool`` (a
+    connection). A session or connection passed in must be idle (not inside a transaction,
+    no pending ORM changes): a busy one is a `ConfigError`, since its pending work would
+    otherwise commit with the key.
+
+    The remaining deadline becomes PostgreSQL's ``statement_timeout`` (per transaction, never
+    raising the session's own) and a pool's checkout timeout. With a `timeout`, a sync node's
+    attempt runs in a worker thread, so a ``sqlite3`` connection must be opened with
+    ``check_same_thread=False``; an attempt abandoned at its timeout is not stopped and may
+    still commit (once, by its key).
     """
     check_table(table, "table")
-    effects = _Effects(table)
+    effects = Effects(table)
     settings: dict[str, Any] = {
         "name": name,
         "key": key,
@@ -213,7 +163,7 @@ def _check_connection_param(fn: Callable[..., Any], name: str, connection: str) 
 def _runner(
     fn: Callable[..., Any],
     holder: dict[str, IdempotencyPlan],
-    effects: _Effects,
+    effects: Effects,
     connection: str,
 ) -> Callable[..., Any]:
     """What the node calls: `fn` once per key, under the plan `holder` receives after decoration."""
@@ -271,47 +221,70 @@ class _NoStore:
         return never
 
 
+def _driver(plan: IdempotencyPlan, conn: Any, connection: str, is_async: bool) -> Driver:
+    """The connection's driver, which must match the node's flavour (sync or async)."""
+    driver = driver_of(conn)
+    if driver.is_async and not is_async:
+        raise ConfigError(
+            f"node {plan.node!r}: a {driver.label} needs an `async def` node",
+            node=plan.node,
+            option=connection,
+        )
+    if is_async and not driver.is_async:
+        raise ConfigError(
+            f"node {plan.node!r}: async transactional nodes need an async connection "
+            "(psycopg.AsyncConnection or its pool, a SQLAlchemy AsyncSession, AsyncConnection or "
+            f"AsyncEngine, asyncpg), got a {driver.label}",
+            node=plan.node,
+            option=connection,
+        )
+    return driver
+
+
+def _lent(
+    plan: IdempotencyPlan, connection: str, args: Any, kwargs: Any, handle: Any
+) -> tuple[Any, Any]:
+    """The call's arguments with the connection a pool lent in place of the pool."""
+    if connection in kwargs:
+        return args, {**kwargs, connection: handle}
+    bound = plan.signature.bind_partial(*args, **kwargs)
+    bound.arguments[connection] = handle
+    return bound.args, bound.kwargs
+
+
 def _once_sync(
     plan: IdempotencyPlan,
-    effects: _Effects,
+    effects: Effects,
     connection: str,
     fn: Callable[..., Any],
     args: Any,
     kwargs: Any,
 ) -> Any:
     conn = _connection_of(plan, connection, args, kwargs)
-    dialect = dialect_of(conn)
-    if is_async_connection(conn):
-        raise ConfigError(
-            f"node {plan.node!r}: a psycopg.AsyncConnection needs an `async def` node",
-            node=plan.node,
-            option=connection,
-        )
+    driver = _driver(plan, conn, connection, False)
     found = plan.key_for(args, kwargs)
-    if found is None:
+    if found is None and not driver.pooled:
         return fn(*args, **kwargs)
-    key, fingerprint = found
-    ctx = context()
-    ctx.idempotency_key = key.digest
-    insert, select, update = effects.sql(dialect)
-    if dialect == "sqlite":
-        tx: Any = sqlite_tx(conn, effects.ddl(dialect))
-    else:
-        pg_idle(conn, "the effect and its key must commit together")
-        effects.ensure_sync(conn)
-        tx = pg_tx(conn)
-    with tx as cur:
-        if dialect == "postgres":
+    tx: Tx
+    with driver.open(conn, effects) as tx:
+        if driver.pooled:
+            args, kwargs = _lent(plan, connection, args, kwargs, tx.handle)
+        if found is None:
+            return fn(*args, **kwargs)
+        key, fingerprint = found
+        ctx = context()
+        ctx.idempotency_key = key.digest
+        sql = tx.sql
+        if tx.postgres:
             limit = deadline_ms()
             if limit is not None:
-                cur.execute(LIMIT, (str(limit), limit))
-        cur.execute(insert, (key.namespace, key.digest, fingerprint, time.time()))
-        if cur.rowcount != 1:
-            row = cur.execute(select, (key.namespace, key.digest)).fetchone()
-            return _replayed(plan, key, tuple(row), fingerprint)
+                tx.run(sql.limit, (str(limit), limit))
+        if tx.run(sql.insert, (key.namespace, key.digest, fingerprint, time.time())) != 1:
+            row = tx.row(sql.select, (key.namespace, key.digest))
+            return _replayed(plan, key, row, fingerprint)
         value = fn(*args, **kwargs)
         text, error, unstored = plan.results.encode(value)
-        cur.execute(update, (text, error, key.namespace, key.digest))
+        tx.run(sql.update, (text, error, key.namespace, key.digest))
     emit("idempotency.completed", plan.node, ctx.run_id, ctx.attempt, key=key.short)
     if unstored is not None:  # warned once committed: a warning filter may raise
         plan.results.warn(unstored)
@@ -320,40 +293,37 @@ def _once_sync(
 
 async def _once_async(
     plan: IdempotencyPlan,
-    effects: _Effects,
+    effects: Effects,
     connection: str,
     fn: Callable[..., Awaitable[Any]],
     args: Any,
     kwargs: Any,
 ) -> Any:
     conn = _connection_of(plan, connection, args, kwargs)
-    if dialect_of(conn) != "postgres" or not is_async_connection(conn):
-        raise ConfigError(
-            f"node {plan.node!r}: async transactional nodes need a psycopg.AsyncConnection, got "
-            f"{type(conn).__qualname__}",
-            node=plan.node,
-            option=connection,
-        )
+    driver = _driver(plan, conn, connection, True)
     found = plan.key_for(args, kwargs)
-    if found is None:
+    if found is None and not driver.pooled:
         return await fn(*args, **kwargs)
-    key, fingerprint = found
-    ctx = context()
-    ctx.idempotency_key = key.digest
-    insert, select, update = effects.sql("postgres")
-    pg_idle(conn, "the effect and its key must commit together")
-    await effects.ensure_async(conn)
-    async with apg_tx(conn) as cur:
-        limit = deadline_ms()
-        if limit is not None:
-            await cur.execute(LIMIT, (str(limit), limit))
-        await cur.execute(insert, (key.namespace, key.digest, fingerprint, time.time()))
-        if cur.rowcount != 1:
-            row = await (await cur.execute(select, (key.namespace, key.digest))).fetchone()
-            return _replayed(plan, key, tuple(row), fingerprint)
+    tx: AsyncTx
+    async with driver.open(conn, effects) as tx:
+        if driver.pooled:
+            args, kwargs = _lent(plan, connection, args, kwargs, tx.handle)
+        if found is None:
+            return await fn(*args, **kwargs)
+        key, fingerprint = found
+        ctx = context()
+        ctx.idempotency_key = key.digest
+        sql = tx.sql
+        if tx.postgres:
+            limit = deadline_ms()
+            if limit is not None:
+                await tx.run(sql.limit, (str(limit), limit))
+        if await tx.run(sql.insert, (key.namespace, key.digest, fingerprint, time.time())) != 1:
+            row = await tx.row(sql.select, (key.namespace, key.digest))
+            return _replayed(plan, key, row, fingerprint)
         value = await fn(*args, **kwargs)
         text, error, unstored = plan.results.encode(value)
-        await cur.execute(update, (text, error, key.namespace, key.digest))
+        await tx.run(sql.update, (text, error, key.namespace, key.digest))
     emit("idempotency.completed", plan.node, ctx.run_id, ctx.attempt, key=key.short)
     if unstored is not None:  # warned once committed: a warning filter may raise
         plan.results.warn(unstored)
