@@ -13,7 +13,7 @@ from nodekit.testing import FaultPlan
 
 from ._demo_api import DemoAPI
 
-__all__ = ["api_base", "connect", "data_dir", "parser"]
+__all__ = ["api_base", "connect", "data_dir", "engine_of", "parser"]
 
 DATA_DIR = Path("demo-data")
 
@@ -27,7 +27,8 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
     )
     cli.add_argument(
         "--db-url",
-        help="sqlite:///path or postgresql://...; default: sqlite in --data-dir",
+        help="sqlite:///path, postgresql://... or a SQLAlchemy URL (postgresql+psycopg://..., "
+        "sqlite+pysqlite:///path); default: sqlite in --data-dir",
     )
     cli.add_argument(
         "--data-dir", type=Path, default=DATA_DIR, help="where files go (default: %(default)s)"
@@ -76,7 +77,8 @@ def api_base(
 
 def connect(db_url: str | None, default: Path) -> Any:
     """Open the recipe's database: sqlite3 for ``sqlite:///path`` (default `default`),
-    psycopg for ``postgresql://``. The caller closes it."""
+    psycopg for ``postgresql://``, a SQLAlchemy engine (`.engine`) for a ``dialect+driver://``
+    URL. The caller closes it."""
     if db_url is None or db_url.startswith("sqlite:///"):
         path = default if db_url is None else Path(db_url[len("sqlite:///") :])
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,4 +89,27 @@ def connect(db_url: str | None, default: Path) -> Any:
         import psycopg
 
         return psycopg.connect(db_url, autocommit=True)
-    raise SystemExit(f"unsupported --db-url {db_url!r}: use sqlite:///path or postgresql://...")
+    if "+" in db_url.partition("://")[0]:  # a SQLAlchemy URL: dialect+driver://…
+        import sqlalchemy as sa
+
+        return _Engine(sa.create_engine(db_url))
+    raise SystemExit(
+        f"unsupported --db-url {db_url!r}: use sqlite:///path, postgresql://... or a "
+        "SQLAlchemy URL (postgresql+psycopg://..., sqlite+pysqlite:///path)"
+    )
+
+
+class _Engine:
+    """A SQLAlchemy engine that `contextlib.closing` can close (it disposes of its pool)."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def engine_of(db: Any) -> Any:
+    """What a recipe hands its nodes: the SQLAlchemy engine inside `connect`'s wrapper (a pool
+    that lends a connection per attempt), or the connection itself."""
+    return db.engine if isinstance(db, _Engine) else db

@@ -16,6 +16,7 @@ different ``--per-page`` groups the rows into new pages: new keys, so they are u
 
     python -m recipes.api_to_db --faults 0.3
     python -m recipes.api_to_db --db-url postgresql://postgres@127.0.0.1/test
+    python -m recipes.api_to_db --db-url postgresql+psycopg://postgres@127.0.0.1/test  # SQLAlchemy
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import nodekit as nk
 from nodekit import http as nkhttp
 from nodekit import sql
 
-from ._common import api_base, connect, data_dir, parser
+from ._common import api_base, connect, data_dir, engine_of, parser
 
 __all__ = ["fetch_page", "main", "store_page"]
 
@@ -64,21 +65,47 @@ def _q(db: Any, statement: str) -> str:
     return statement if isinstance(db, sqlite3.Connection) else statement.replace("?", "%s")
 
 
+def _is_sqlalchemy(db: Any) -> bool:
+    """A SQLAlchemy `Engine` (the program's handle) or `Connection` (what the node gets)."""
+    return type(db).__module__.startswith("sqlalchemy.")
+
+
+def _run(db: Any, statement: str, rows: list[tuple[Any, ...]] | None = None) -> list[Any]:
+    """Execute on any of the three handles; SQLAlchemy statements get ``:p0, :p1…``."""
+    if not _is_sqlalchemy(db):
+        if rows is None:
+            cursor = db.execute(_q(db, statement))
+            return list(cursor.fetchall()) if statement.startswith("SELECT") else []
+        for row in rows:
+            db.execute(_q(db, statement), row)
+        return []
+    import sqlalchemy as sa
+
+    names = iter(range(statement.count("?")))
+    text = sa.text("".join(f":p{next(names)}" if ch == "?" else ch for ch in statement))
+    params = [{f"p{i}": value for i, value in enumerate(row)} for row in rows or []]
+    if hasattr(db, "connect"):  # an engine: a connection and a transaction of its own
+        with db.begin() as conn:
+            result = conn.execute(text, params) if params else conn.execute(text)
+            return list(result.all()) if result.returns_rows else []
+    result = db.execute(text, params) if params else db.execute(text)
+    return list(result.all()) if result.returns_rows else []
+
+
 @sql.transactional(name="store_page", key=lambda rows: rows, retry=RETRY)
 def store_page(rows: list[Row], *, db: Any = nk.resource()) -> int:
     """Upsert one page's rows; returns how many. Exactly once per key (the rows themselves).
 
-    `db` is a sqlite3 or psycopg connection; this runs inside the transaction that also
-    records the key, so the rows and the key commit together or not at all.
+    `db` is a sqlite3 or psycopg connection, or a SQLAlchemy `Connection` lent by the
+    engine given with ``--db-url dialect+driver://…``; this runs inside the transaction that
+    also records the key, so the rows and the key commit together or not at all.
     """
-    statement = _q(
-        db,
+    statement = (
         f"INSERT INTO {TABLE} (id, name, price, category, writes) VALUES (?, ?, ?, ?, 1) "
         "ON CONFLICT (id) DO UPDATE SET name = excluded.name, price = excluded.price, "
-        f"category = excluded.category, writes = {TABLE}.writes + 1",
+        f"category = excluded.category, writes = {TABLE}.writes + 1"
     )
-    for row in rows:
-        db.execute(statement, (row["id"], row["name"], row["price"], row["category"]))
+    _run(db, statement, [(row["id"], row["name"], row["price"], row["category"]) for row in rows])
     return len(rows)
 
 
@@ -87,9 +114,10 @@ def store_page(rows: list[Row], *, db: Any = nk.resource()) -> int:
 
 def prepare(db: Any) -> None:
     """Create the items table if it is missing (outside any transaction)."""
-    db.execute(
+    _run(
+        db,
         f"CREATE TABLE IF NOT EXISTS {TABLE} (id INTEGER PRIMARY KEY, name TEXT NOT NULL, "
-        "price DOUBLE PRECISION NOT NULL, category TEXT NOT NULL, writes INTEGER NOT NULL)"
+        "price DOUBLE PRECISION NOT NULL, category TEXT NOT NULL, writes INTEGER NOT NULL)",
     )
     if isinstance(db, sqlite3.Connection):
         db.commit()  # transactional needs an idle connection
@@ -97,9 +125,7 @@ def prepare(db: Any) -> None:
 
 def writes_per_row(db: Any) -> dict[int, int]:
     """``{writes: rows written that many times}``, read from the database."""
-    found = db.execute(
-        f"SELECT writes, count(*) FROM {TABLE} GROUP BY writes ORDER BY writes"
-    ).fetchall()
+    found = _run(db, f"SELECT writes, count(*) FROM {TABLE} GROUP BY writes ORDER BY writes")
     if isinstance(db, sqlite3.Connection):
         db.commit()
     return {int(writes): int(rows) for writes, rows in found}
@@ -155,11 +181,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         with (
-            contextlib.closing(connect(args.db_url, root / "api_to_db.sqlite")) as db,
+            contextlib.closing(connect(args.db_url, root / "api_to_db.sqlite")) as opened,
             api_base(args.api_url, faults=args.faults, seed=args.seed) as (base, api),
             httpx.Client(base_url=base, timeout=args.timeout) as client,
-            nk.use(http=client, db=db),
+            nk.use(http=client, db=engine_of(opened)),
         ):
+            db = engine_of(opened)
             source = "a local API" if api is not None else base
             faults = (
                 f" failing {args.faults:.0%} of requests" if api is not None and args.faults else ""

@@ -112,6 +112,44 @@ def test_postgres_gets_every_item_once(
     assert not (tmp_path / "api_to_db.sqlite").exists()  # nothing went to the SQLite default
 
 
+def test_a_sqlalchemy_url_writes_every_item_once_through_an_engine(
+    api: DemoAPI, tmp_path: Path, nk_instant: Instant, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``dialect+driver://`` URLs go through SQLAlchemy: the engine lends a connection per
+    attempt, and the rows and the key commit together on it."""
+    db_path = tmp_path / "orm.sqlite"
+    url = f"sqlite+pysqlite:///{db_path}"
+
+    assert run(api, tmp_path, "--db-url", url) == 0
+    assert run(api, tmp_path, "--db-url", url) == 0
+
+    with sqlite3.connect(db_path) as conn:
+        assert rows(conn) == expected(api)
+        assert effects(conn) == 5
+    assert "pages replayed      5" in capsys.readouterr().out
+
+
+@pytest.mark.services
+def test_a_postgres_sqlalchemy_url_writes_every_item_once(
+    api: DemoAPI,
+    tmp_path: Path,
+    postgres_url: str,
+    pg_schema: str,
+    nk_instant: Instant,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    base = postgres_url.replace("postgresql://", "postgresql+psycopg://", 1)
+    url = f"{base}{'&' if '?' in base else '?'}options=-csearch_path%3D{pg_schema}"
+
+    assert run(api, tmp_path, "--db-url", url) == 0
+    assert run(api, tmp_path, "--db-url", url) == 0
+
+    with psycopg.connect(postgres_url, options=f"-csearch_path={pg_schema}") as conn:
+        assert rows(conn) == expected(api)
+        assert effects(conn) == 5
+    assert "pages replayed      5" in capsys.readouterr().out
+
+
 def test_a_page_that_keeps_failing_fails_the_run_and_a_rerun_carries_on(
     tmp_path: Path, nk_instant: Instant, capsys: pytest.CaptureFixture[str]
 ) -> None:
