@@ -29,15 +29,15 @@ from ._errors import (
 from ._events import (
     ContextFilter,
     Event,
-    Metrics,
-    NodeMetrics,
     Sink,
+    add_node_context,
     add_sink,
     configure_logging,
     remove_sink,
 )
 from ._execution import attempts
 from ._map import MapResult
+from ._metrics import Metrics, NodeMetrics
 from ._node import Node, node
 from ._policies import Effect, Retry, Timeout
 from ._redact import add_redactor
@@ -98,6 +98,7 @@ __all__ = [
     "Sink",
     "Timeout",
     "UnsafeRetry",
+    "add_node_context",
     "add_redactor",
     "add_sink",
     "aresolve",

@@ -45,7 +45,8 @@ def new_run_id() -> str:
 
 
 def bind_run_id(ctx: NodeContext) -> str:
-    """`ctx.run_id`, computed inline (the structlog fast path binds it on every call)."""
+    """`ctx.run_id`, computed inline (bound for structlog's `merge_contextvars` on every call
+    while its chain lacks `nk.add_node_context`)."""
     parent = ctx.parent
     run_id = parent.run_id if parent is not None else _RUN_ID.get()
     if run_id is None:

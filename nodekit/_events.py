@@ -8,15 +8,16 @@ nodekit never configures logging. Events go to structlog when the application co
 else to the standard ``logging`` logger ``"nodekit"``; the level gate for both is that stdlib
 logger's effective level, so ``logging.getLogger("nodekit").setLevel(logging.DEBUG)`` turns on
 the per-call events, and the application's own configuration decides where they are printed.
+The user's own lines inside a node carry its ids through `ContextFilter` (stdlib) or the
+`add_node_context` processor (structlog; `merge_contextvars` chains get them bound per call).
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -25,14 +26,14 @@ from ._runtime import CURRENT, RUNTIME
 
 __all__ = [
     "Event",
-    "Metrics",
-    "NodeMetrics",
     "Sink",
+    "add_node_context",
     "add_sink",
     "configure_logging",
     "emit",
     "observed",
     "remove_sink",
+    "structlog_binds",
 ]
 
 logger = logging.getLogger("nodekit")
@@ -231,6 +232,89 @@ def emit(
         _log(event)
 
 
+# ---------------------------------------------------------------------------- structlog
+
+
+def add_node_context(
+    logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """A structlog processor: add the running node's ``node``, ``run_id`` and ``attempt``.
+
+    Put it in your processor chain (``structlog.configure(processors=[..., nk.add_node_context,
+    ...])``) and every line logged inside a node carries them, in worker threads and tasks too.
+    It reads the node's context when a line is logged, so a node call pays nothing for it; with
+    it in the chain nodekit stops binding the ids into contextvars for ``merge_contextvars``
+    (see `structlog_binds`). Values the line or the context already has are kept.
+    """
+    ctx = CURRENT.get()
+    if ctx is not None:
+        event_dict.setdefault("node", ctx.node)
+        event_dict.setdefault("run_id", ctx.run_id)
+        event_dict.setdefault("attempt", ctx.attempt)
+    return event_dict
+
+
+class _PublicConfig:
+    """structlog's configuration read through its public functions (slower): the fallback for
+    a structlog without the `_config._CONFIG` object every version since 2013 has had."""
+
+    __slots__ = ("_structlog",)
+
+    def __init__(self, structlog: Any) -> None:
+        self._structlog = structlog
+
+    @property
+    def is_configured(self) -> bool:
+        return bool(self._structlog.is_configured())
+
+    @property
+    def default_processors(self) -> Any:
+        return self._structlog.get_config()["processors"]
+
+
+class _Binding:
+    """Whether node calls bind node, run id and attempt into contextvars for structlog.
+
+    The binding keeps ``merge_contextvars`` chains showing the ids, at about a microsecond a
+    call; `add_node_context` gives the same ids for nothing. So nodekit binds only while
+    structlog is configured with a processor chain that lacks `add_node_context`: not while
+    structlog is unconfigured (imported by a dependency, or printing its development defaults),
+    and not once the processor is in the chain. The answer is cached per chain (structlog
+    replaces the list on every ``configure`` and ``reset_defaults``; a list changed in place
+    keeps its answer until the next of those), so asking costs two attribute reads and an
+    identity test.
+    """
+
+    __slots__ = ("config", "seen")
+
+    def __init__(self) -> None:
+        self.config: Any = None
+        self.seen: tuple[Any, bool] = (None, False)
+
+    def __call__(self) -> bool:
+        config = self.config
+        if config is None:
+            structlog = sys.modules.get("structlog")
+            if structlog is None:
+                return False
+            config = getattr(getattr(structlog, "_config", None), "_CONFIG", None)
+            config = self.config = config or _PublicConfig(structlog)
+        if not config.is_configured:
+            return False
+        processors = config.default_processors
+        seen = self.seen
+        if seen[0] is processors:
+            return seen[1]
+        binds = not any(processor is add_node_context for processor in processors)
+        self.seen = (processors, binds)  # one tuple: a racing reader sees a consistent pair
+        return binds
+
+
+# Callers ask only once structlog is loaded (``"structlog" in sys.modules``); the bound method,
+# which a call reaches faster than an instance's __call__ (the node's success path asks).
+structlog_binds = _Binding().__call__
+
+
 def _log(event: Event) -> None:
     structlog = sys.modules.get("structlog")
     if structlog is not None and structlog.is_configured():
@@ -239,84 +323,6 @@ def _log(event: Event) -> None:
     values = event.as_dict()
     text = " ".join(f"{key}={value}" for key, value in values.items() if value is not None)
     logger.log(event.level, "%s %s", event.name, text, extra={"nodekit": values})
-
-
-# ---------------------------------------------------------------------------- metrics
-
-
-@dataclass(slots=True)
-class NodeMetrics:
-    """Counters and latency for one node, as seen by a `Metrics` sink."""
-
-    calls: int = 0
-    successes: int = 0
-    failures: int = 0
-    retries: int = 0
-    timeouts: int = 0
-    replays: int = 0
-    latency_total: float = 0.0
-    latency_max: float = 0.0
-
-    @property
-    def latency_mean(self) -> float:
-        done = self.successes + self.failures
-        return self.latency_total / done if done else 0.0
-
-
-class Metrics:
-    """A sink that counts calls, successes, failures, retries, timeouts, replays and latency.
-
-    Register it with ``nk.add_sink(metrics)``; `snapshot()` returns a copy per node name.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._nodes: dict[str, NodeMetrics] = {}
-
-    def __call__(self, event: Event, /) -> None:
-        name = event.name
-        if not name.startswith("node.") or event.node is None:
-            return
-        with self._lock:
-            stats = self._nodes.get(event.node)
-            if stats is None:
-                stats = self._nodes[event.node] = NodeMetrics()
-            if name == "node.started":
-                stats.calls += 1
-            elif name == "node.succeeded" or name == "node.failed":
-                if name == "node.succeeded":
-                    stats.successes += 1
-                else:
-                    stats.failures += 1
-                if event.duration is not None:
-                    stats.latency_total += event.duration
-                    stats.latency_max = max(stats.latency_max, event.duration)
-            elif name == "node.retrying":
-                stats.retries += 1
-            elif name == "node.timed_out":
-                stats.timeouts += 1
-            elif name == "node.replayed":
-                stats.replays += 1
-
-    def snapshot(self) -> dict[str, NodeMetrics]:
-        with self._lock:
-            return {
-                node: NodeMetrics(
-                    s.calls,
-                    s.successes,
-                    s.failures,
-                    s.retries,
-                    s.timeouts,
-                    s.replays,
-                    s.latency_total,
-                    s.latency_max,
-                )
-                for node, s in self._nodes.items()
-            }
-
-    def reset(self) -> None:
-        with self._lock:
-            self._nodes.clear()
 
 
 def configure_logging(level: int | str = logging.INFO, *, stream: Any = None) -> None:
@@ -339,7 +345,7 @@ class ContextFilter(logging.Filter):
     """A logging filter that adds the running node's ids to every record.
 
     Add it to your handlers so your own log lines inside a node carry ``node``, ``run_id``
-    and ``attempt`` (structlog users get them through ``merge_contextvars`` already).
+    and ``attempt`` (for structlog, put `add_node_context` in the processor chain).
     """
 
     def filter(self, record: logging.LogRecord) -> bool:

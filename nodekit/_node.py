@@ -19,7 +19,7 @@ from typing import Any, Generic, ParamSpec, Protocol, TypeVar, overload
 
 from ._context import NodeContext
 from ._errors import ConfigError
-from ._events import DEBUG, is_enabled_for
+from ._events import DEBUG, is_enabled_for, structlog_binds
 from ._execution import (
     bind_log,
     call_async,
@@ -160,7 +160,7 @@ def _first_here(spec: NodeSpec, drive: Any, runner: Any) -> bool:
 
 def _sync_wrapper(spec: NodeSpec) -> Callable[..., Any]:
     get, set_, reset = CURRENT.get, CURRENT.set, CURRENT.reset
-    fn, name, modules, runtime = spec.fn, spec.name, sys.modules, RUNTIME
+    fn, name, modules, runtime, binds = spec.fn, spec.name, sys.modules, RUNTIME, structlog_binds
     here = _first_here(spec, spec.drive_sync, run_sync)
     guarded = bool(spec.guards)
     retries = spec.retry is not None
@@ -176,7 +176,8 @@ def _sync_wrapper(spec: NodeSpec) -> Callable[..., Any]:
         try:
             if not here or runtime.sinks or is_enabled_for(DEBUG):
                 return call_sync(spec, ctx, args, kwargs)
-            bound = bind_log(ctx, name) if "structlog" in modules else None
+            # ids for merge_contextvars: only while a configured chain lacks nk.add_node_context
+            bound = bind_log(ctx, name) if "structlog" in modules and binds() else None
             try:
                 if guarded:
                     return guarded_sync(spec, ctx, args, kwargs)
@@ -196,7 +197,7 @@ def _sync_wrapper(spec: NodeSpec) -> Callable[..., Any]:
 
 def _async_wrapper(spec: NodeSpec) -> Callable[..., Coroutine[Any, Any, Any]]:
     get, set_, reset = CURRENT.get, CURRENT.set, CURRENT.reset
-    fn, name, modules, runtime = spec.fn, spec.name, sys.modules, RUNTIME
+    fn, name, modules, runtime, binds = spec.fn, spec.name, sys.modules, RUNTIME, structlog_binds
     here = _first_here(spec, spec.drive_async, run_async)
     guarded = bool(spec.guards)
     retries = spec.retry is not None
@@ -211,7 +212,7 @@ def _async_wrapper(spec: NodeSpec) -> Callable[..., Coroutine[Any, Any, Any]]:
         try:
             if not here or runtime.sinks or is_enabled_for(DEBUG):
                 return await call_async(spec, ctx, args, kwargs)
-            bound = bind_log(ctx, name) if "structlog" in modules else None
+            bound = bind_log(ctx, name) if "structlog" in modules and binds() else None
             try:
                 if guarded:
                     return await guarded_async(spec, ctx, args, kwargs)

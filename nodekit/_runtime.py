@@ -22,9 +22,41 @@ import os
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
-__all__ = ["CURRENT", "LOG_ATTEMPT", "LOG_NODE", "LOG_RUN", "RUNTIME", "Runtime"]
+__all__ = ["CURRENT", "LOG_ATTEMPT", "LOG_NODE", "LOG_RUN", "RUNTIME", "Runtime", "Tracer"]
+
+
+class Tracer(Protocol):
+    """An instrumentation hook (`nodekit.otel`) around node calls, attempts and flow runs.
+
+    Set as `RUNTIME.tracer`, None by default. Only a node call's slow path reads it (`call_sync`,
+    and the attempt loop when events are observed) and the flow drivers: a plain node's fast
+    path never does, so the instrumentation also registers a sink, which sends every call
+    down the slow path while it is installed.
+    `call_*` runs a node's driver and `attempt_*` one attempt, each inside whatever the hook
+    opens around it (a span made current, so that the code inside nests under it, in worker
+    threads and tasks too); they return or raise what the callable does. `start_flow` opens a
+    flow run's scope and returns what ends it (called once, in the same context).
+    """
+
+    def call_sync(
+        self, drive: Callable[..., Any], spec: Any, ctx: Any, args: Any, kwargs: Any
+    ) -> Any: ...
+
+    async def call_async(
+        self, drive: Callable[..., Awaitable[Any]], spec: Any, ctx: Any, args: Any, kwargs: Any
+    ) -> Any: ...
+
+    def attempt_sync(
+        self, attempt: Callable[..., Any], spec: Any, ctx: Any, args: Any, kwargs: Any
+    ) -> Any: ...
+
+    async def attempt_async(
+        self, attempt: Callable[..., Awaitable[Any]], spec: Any, ctx: Any, args: Any, kwargs: Any
+    ) -> Any: ...
+
+    def start_flow(self, flow: str, run_id: str, mode: str) -> Callable[[], None]: ...
 
 
 class Runtime:
@@ -39,7 +71,8 @@ class Runtime:
     process, renewed in a forked child) followed by the next value of `run_counter`, in hex.
     `classifiers` (`nk.register_classifier`) and `redactors` (`nk.add_redactor`) are tuples kept
     like `sinks`; the default is none of the user's. `max_attempts` caps every retry loop
-    (`nodekit.testing.set_testing`), None by default.
+    (`nodekit.testing.set_testing`), None by default. `tracer` is the instrumentation hook
+    (`Tracer`, set by `nodekit.otel.instrument()`), None by default.
     """
 
     __slots__ = (
@@ -53,6 +86,7 @@ class Runtime:
         "run_prefix",
         "sinks",
         "sleep",
+        "tracer",
         "warned",
     )
 
@@ -64,6 +98,7 @@ class Runtime:
     redactors: tuple[Callable[[str], str], ...]
     warned: set[str]
     max_attempts: int | None
+    tracer: Tracer | None
     run_prefix: str
     run_counter: Iterator[int]
 
@@ -73,8 +108,8 @@ class Runtime:
         self.reset()
 
     def reset(self) -> None:
-        """Restore the defaults: real waits, no sinks, no default store, no warnings given,
-        fresh run ids.
+        """Restore the defaults: real waits, no sinks, no tracer, no default store, no warnings
+        given, fresh run ids.
 
         The context variables are per thread and task, not process-wide, and are left alone.
         """
@@ -87,6 +122,7 @@ class Runtime:
             self.redactors = ()
             self.warned = set()
             self.max_attempts = None
+            self.tracer = None
         self.reseed()
 
     def reseed(self) -> None:
@@ -112,9 +148,10 @@ os.register_at_fork(after_in_child=RUNTIME.reseed)
 # The running node's context (a `nodekit._context.NodeContext`), or None outside a node.
 CURRENT: contextvars.ContextVar[Any] = contextvars.ContextVar("nodekit_current", default=None)
 
-# Named with structlog's prefix so that structlog.contextvars.merge_contextvars (in structlog's
-# default processor chain) adds node, run_id and attempt to the user's own log lines. The
-# default `...` means "not bound": nodekit binds them only when structlog is imported.
+# Named with structlog's prefix so that structlog.contextvars.merge_contextvars adds node,
+# run_id and attempt to the user's own log lines. The default `...` means "not bound":
+# nodekit binds them per call only while structlog is configured with a chain that lacks
+# `nk.add_node_context` (`_events.structlog_binds`); that processor reads `CURRENT` instead.
 LOG_NODE: contextvars.ContextVar[Any] = contextvars.ContextVar("structlog_node", default=...)
 LOG_RUN: contextvars.ContextVar[Any] = contextvars.ContextVar("structlog_run_id", default=...)
 LOG_ATTEMPT: contextvars.ContextVar[Any] = contextvars.ContextVar("structlog_attempt", default=...)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from typing import Any
+from unittest.mock import ANY
 
 import pytest
 import structlog
@@ -16,15 +18,12 @@ from structlog.contextvars import merge_contextvars
 from structlog.testing import LogCapture, capture_logs
 
 import nodekit as nk
+import nodekit._events
 from nodekit.testing import Flaky, instant
 
 RETRY = nk.Retry(attempts=3, initial=0.1, jitter=0)
 
 
-# DESIGN.md section 2: "Per-call context (node, run_id, attempt) is bound with contextvars, so
-# the user's own log lines inside a node carry the same ids." The in-progress fast-path change
-# in _node.py (_logged_sync/_logged_async) binds only `node` (run_id never, attempt from the
-# second attempt on). Remove this marker when the fast path binds all three again.
 @pytest.fixture(autouse=True)
 def _structlog_defaults() -> Iterator[None]:
     """Every test starts and ends with structlog unconfigured."""
@@ -198,12 +197,27 @@ def test_configure_logging_prints_events_for_applications() -> None:
 
 # ---------------------------------------------------------------------------- structlog
 
+# The two ways a structlog chain gets node ids: nodekit's processor, which reads the running
+# node's context when a line is logged (nothing per call), and structlog's merge_contextvars,
+# for which nodekit binds the ids into contextvars on every call while the chain lacks the
+# processor.
+CHAINS: dict[str, list[Any]] = {
+    "add_node_context": [nk.add_node_context],
+    "merge_contextvars": [merge_contextvars],
+    "both": [merge_contextvars, nk.add_node_context],
+}
 
-def user_lines(logs: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+
+@pytest.fixture(params=list(CHAINS))
+def chain(request: pytest.FixtureRequest) -> list[Any]:
+    return CHAINS[request.param]
+
+
+def ids(logs: list[dict[str, Any]], event: str = "charging") -> list[tuple[Any, ...]]:
     return [
         (entry.get("node"), entry.get("run_id"), entry.get("attempt"))
         for entry in logs
-        if entry["event"] == "charging"
+        if entry["event"] == event
     ]
 
 
@@ -230,48 +244,188 @@ def acharge_node() -> Any:
 
 
 @pytest.mark.parametrize("observed", [False, True])
-def test_structlog_lines_inside_a_node_carry_node_run_id_and_attempt(observed: bool) -> None:
+def test_structlog_lines_inside_a_node_carry_node_run_id_and_attempt(
+    chain: list[Any], observed: bool
+) -> None:
     charge = charge_node()
-    with instant(), capture_logs(processors=[merge_contextvars]) as logs:
+    with instant(), capture_logs(processors=chain) as logs:
         if observed:
             with nk.testing.capture_events():
                 run_id = charge()
         else:
             run_id = charge()
         structlog.get_logger().info("charging")
-    assert user_lines(logs) == [("charge", run_id, 1), ("charge", run_id, 2), (None, None, None)]
+    assert ids(logs) == [("charge", run_id, 1), ("charge", run_id, 2), (None, None, None)]
 
 
 @pytest.mark.parametrize("observed", [False, True])
 async def test_structlog_lines_inside_a_node_carry_node_run_id_and_attempt_async(
-    observed: bool,
+    chain: list[Any], observed: bool
 ) -> None:
     charge = acharge_node()
-    with instant(), capture_logs(processors=[merge_contextvars]) as logs:
+    with instant(), capture_logs(processors=chain) as logs:
         if observed:
             with nk.testing.capture_events():
                 run_id = await charge()
         else:
             run_id = await charge()
-    assert user_lines(logs) == [("charge", run_id, 1), ("charge", run_id, 2)]
+        structlog.get_logger().info("charging")
+    assert ids(logs) == [("charge", run_id, 1), ("charge", run_id, 2), (None, None, None)]
 
 
-def test_structlog_context_reaches_a_sync_node_in_its_timeout_thread() -> None:
+def test_nested_nodes_log_their_own_node_and_attempt_under_one_run_id(chain: list[Any]) -> None:
+    inner = charge_node()
+
+    @nk.node(name="outer")
+    def outer() -> str:
+        structlog.get_logger().info("charging")
+        inner()
+        structlog.get_logger().info("charging")
+        return nk.context().run_id
+
+    with instant(), capture_logs(processors=chain) as logs:
+        run_id = outer()
+    assert ids(logs) == [
+        ("outer", run_id, 1),
+        ("charge", run_id, 1),
+        ("charge", run_id, 2),
+        ("outer", run_id, 1),
+    ]
+
+
+async def test_nested_nodes_log_their_own_node_and_attempt_under_one_run_id_async(
+    chain: list[Any],
+) -> None:
+    inner = acharge_node()
+
+    @nk.node(name="outer")
+    async def outer() -> str:
+        structlog.get_logger().info("charging")
+        await inner()
+        structlog.get_logger().info("charging")
+        return nk.context().run_id
+
+    with instant(), capture_logs(processors=chain) as logs:
+        run_id = await outer()
+    assert ids(logs) == [
+        ("outer", run_id, 1),
+        ("charge", run_id, 1),
+        ("charge", run_id, 2),
+        ("outer", run_id, 1),
+    ]
+
+
+async def test_concurrent_tasks_each_log_their_own_node(chain: list[Any]) -> None:
+    def make(name: str) -> Any:
+        @nk.node(name=name)
+        async def step() -> str:
+            structlog.get_logger().info("charging")
+            await asyncio.sleep(0)
+            structlog.get_logger().info("charging")
+            return nk.context().run_id
+
+        return step
+
+    with capture_logs(processors=chain) as logs:
+        a, b = await asyncio.gather(make("a")(), make("b")())
+    assert sorted(ids(logs)) == [("a", a, 1), ("a", a, 1), ("b", b, 1), ("b", b, 1)]
+    assert a != b
+
+
+def _logging_flow() -> tuple[nk.Flow, list[str]]:
+    seen: list[str] = []
+    flow = nk.Flow("logged")
+
+    @flow.node(retry=RETRY, effect=nk.Effect.READ)
+    def fetch() -> dict[str, int]:
+        structlog.get_logger().info("charging")
+        seen.append(nk.context().run_id)
+        if nk.context().attempt == 1:
+            raise TimeoutError("slow")
+        return {"x": 1}
+
+    @flow.node(after=fetch)
+    def store(x: int) -> dict[str, int]:
+        structlog.get_logger().info("charging")
+        seen.append(nk.context().run_id)
+        return {"y": x + 1}
+
+    return flow, seen
+
+
+def test_flow_nodes_log_their_node_attempt_and_the_flows_run_id(chain: list[Any]) -> None:
+    flow, seen = _logging_flow()
+    with instant(), capture_logs(processors=chain) as logs:
+        assert flow.run({}) == {"x": 1, "y": 2}
+    run_id = seen[0]
+    assert set(seen) == {run_id}
+    assert ids(logs) == [("fetch", run_id, 1), ("fetch", run_id, 2), ("store", run_id, 1)]
+
+
+async def test_flow_nodes_log_their_node_attempt_and_the_flows_run_id_async(
+    chain: list[Any],
+) -> None:
+    flow, seen = _logging_flow()
+    with instant(), capture_logs(processors=chain) as logs:
+        assert await flow.arun({}) == {"x": 1, "y": 2}
+    run_id = seen[0]
+    assert set(seen) == {run_id}
+    assert ids(logs) == [("fetch", run_id, 1), ("fetch", run_id, 2), ("store", run_id, 1)]
+
+
+def test_structlog_context_reaches_a_sync_node_in_its_timeout_thread(chain: list[Any]) -> None:
     @nk.node(timeout=1, name="threaded")
     def threaded() -> str:
         structlog.get_logger().info("charging")
         return nk.context().run_id
 
-    with capture_logs(processors=[merge_contextvars]) as logs:
+    with capture_logs(processors=chain) as logs:
         run_id = threaded()
-    assert user_lines(logs) == [("threaded", run_id, 1)]
+    assert ids(logs) == [("threaded", run_id, 1)]
+
+
+def test_the_processor_keeps_values_the_line_already_has() -> None:
+    with capture_logs(processors=[nk.add_node_context]) as logs:
+        nk.node(name="n")(lambda: structlog.get_logger().info("charging", node="mine"))()
+    assert logs[0]["node"] == "mine"
+    assert logs[0]["attempt"] == 1
+
+
+def bound_inside_a_node() -> dict[str, Any]:
+    return nk.node(name="n")(structlog.contextvars.get_contextvars)()
+
+
+def test_no_contextvars_are_bound_per_call_while_structlog_is_unconfigured() -> None:
+    """structlog imported (by the application or a dependency) but not configured: the success
+    path binds nothing."""
+    assert not structlog.is_configured()
+    assert bound_inside_a_node() == {}
+
+
+def test_no_contextvars_are_bound_per_call_once_the_processor_is_in_the_chain() -> None:
+    structlog.configure(processors=[merge_contextvars, nk.add_node_context, LogCapture()])
+    assert bound_inside_a_node() == {}
+    structlog.configure(processors=[merge_contextvars, LogCapture()])
+    assert bound_inside_a_node() == {"node": "n", "run_id": ANY, "attempt": 1}
+    structlog.reset_defaults()
+    assert bound_inside_a_node() == {}
+
+
+def test_the_binding_decision_reads_structlogs_public_api_when_its_internals_move() -> None:
+    binds = nodekit._events._Binding()
+    binds.config = nodekit._events._PublicConfig(structlog)
+    assert binds() is False
+    structlog.configure(processors=[merge_contextvars, LogCapture()])
+    assert binds() is True
+    structlog.configure(processors=[nk.add_node_context, LogCapture()])
+    assert binds() is False
 
 
 def test_nodekit_events_go_to_structlog_when_the_application_configured_it(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, chain: list[Any]
 ) -> None:
     capture = LogCapture()
-    structlog.configure(processors=[merge_contextvars, capture])
+    structlog.configure(processors=[*chain, capture])
     with instant():
         charge_node()()
     retrying = [entry for entry in capture.entries if entry["event"] == "node.retrying"]
@@ -284,30 +438,32 @@ def test_nodekit_events_go_to_structlog_when_the_application_configured_it(
     assert nodekit_records(caplog) == [], "not logged twice"
 
 
-async def test_nodekit_events_go_to_structlog_when_configured_async() -> None:
+async def test_nodekit_events_go_to_structlog_when_configured_async(chain: list[Any]) -> None:
     capture = LogCapture()
-    structlog.configure(processors=[merge_contextvars, capture])
+    structlog.configure(processors=[*chain, capture])
     with instant():
         await acharge_node()()
     assert [entry["event"] for entry in capture.entries].count("node.retrying") == 1
 
 
-def test_a_configured_structlog_chain_gets_node_ids_in_user_lines() -> None:
-    structlog.configure(processors=[merge_contextvars, capture := LogCapture()])
+def test_a_configured_structlog_chain_gets_node_ids_in_user_lines(chain: list[Any]) -> None:
+    structlog.configure(processors=[*chain, capture := LogCapture()])
     with instant():
         run_id = charge_node()()
-    assert user_lines(capture.entries) == [("charge", run_id, 1), ("charge", run_id, 2)]
+    assert ids(capture.entries) == [("charge", run_id, 1), ("charge", run_id, 2)]
 
 
-async def test_a_configured_structlog_chain_gets_node_ids_in_user_lines_async() -> None:
-    structlog.configure(processors=[merge_contextvars, capture := LogCapture()])
+async def test_a_configured_structlog_chain_gets_node_ids_in_user_lines_async(
+    chain: list[Any],
+) -> None:
+    structlog.configure(processors=[*chain, capture := LogCapture()])
     with instant():
         run_id = await acharge_node()()
-    assert user_lines(capture.entries) == [("charge", run_id, 1), ("charge", run_id, 2)]
+    assert ids(capture.entries) == [("charge", run_id, 1), ("charge", run_id, 2)]
 
 
-def test_users_own_contextvars_are_kept_and_restored() -> None:
-    with capture_logs(processors=[merge_contextvars]) as logs:
+def test_users_own_contextvars_are_kept_and_restored(chain: list[Any]) -> None:
+    with capture_logs(processors=[merge_contextvars, *chain]) as logs:
         structlog.contextvars.bind_contextvars(request_id="r1")
         try:
             nk.node(name="n")(lambda: structlog.get_logger().info("charging"))()

@@ -39,6 +39,7 @@ EXPECTED = [
     "Sink",
     "Timeout",
     "UnsafeRetry",
+    "add_node_context",
     "add_redactor",
     "add_sink",
     "aresolve",

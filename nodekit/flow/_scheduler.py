@@ -18,7 +18,7 @@ from typing import Any
 
 from .. import _context
 from .._context import new_run_id
-from .._runtime import LOG_RUN
+from .._runtime import LOG_RUN, RUNTIME
 from ._graph import FlowOptions, Plan, Step
 from ._journal import Journal
 from ._run import (
@@ -34,15 +34,22 @@ from ._run import (
 
 def _begin(
     flow: FlowOptions, plan: Plan, state: Any, run_id: str | None, store: Any, asynchronous: bool
-) -> tuple[Run, Journal | None, tuple[Any, Any]]:
-    """A run's state, its journal (durable runs) and its run id bound for the nodes and logs."""
+) -> tuple[Run, Journal | None, tuple[Any, Any, Any]]:
+    """A run's state, its journal (durable runs) and its run id bound for the nodes and logs
+    (and, when instrumented, the run's span made current: `_runtime.Tracer.start_flow`)."""
     run = Run(flow, plan, run_id or new_run_id(), asynchronous=asynchronous)
     run.start(state)
     journal = Journal(flow, run, store) if store is not None else None
-    return run, journal, (_context.set_run_id(run.run_id), LOG_RUN.set(run.run_id))
+    tracer = RUNTIME.tracer
+    end = None
+    if tracer is not None:
+        end = tracer.start_flow(flow.name, run.run_id, "async" if asynchronous else "sync")
+    return run, journal, (_context.set_run_id(run.run_id), LOG_RUN.set(run.run_id), end)
 
 
-def _unbind(tokens: tuple[Any, Any]) -> None:
+def _unbind(tokens: tuple[Any, Any, Any]) -> None:
+    if tokens[2] is not None:
+        tokens[2]()
     LOG_RUN.reset(tokens[1])
     _context.reset_run_id(tokens[0])
 

@@ -28,6 +28,16 @@ from ._outbox_sql import OutboxSQL
 __all__ = ["Message", "Outbox"]
 
 
+def _dbapi(conn: Any) -> Any:
+    """The driver's connection under a SQLAlchemy `Session` or `Connection` (the message then
+    commits with the session's transaction), or `conn` itself."""
+    if not type(conn).__module__.startswith("sqlalchemy."):
+        return conn
+    if hasattr(conn, "get_bind"):  # a Session: its connection in the current transaction
+        conn = conn.connection()
+    return conn.connection.driver_connection
+
+
 def _sync_dialect(conn: Any, method: str, instead: str) -> str:
     """`dialect_of` for an `Outbox` method that needs a sync connection (`instead` is the fix)."""
     dialect = dialect_of(conn)
@@ -122,10 +132,14 @@ class Outbox:
     def add(self, conn: Any, topic: str, payload: Any, *, key: str | None = None) -> str:
         """Queue a message inside the caller's open transaction; returns its key.
 
+        `conn` is a sqlite3 or psycopg connection, or a SQLAlchemy `Session` or `Connection`
+        (the message is written on its driver connection, in its transaction).
+
         Without `key`, inside a keyed node the key is derived from the node's key, the topic
         and the payload (stable across retries and resumes); elsewhere it is a digest of topic
         and payload. A message whose key is already queued is not queued again.
         """
+        conn = _dbapi(conn)
         dialect = _sync_dialect(conn, "add", "`await outbox.aadd(...)`")
         self._ensure(conn, dialect)
         key = self._message_key(topic, payload, key)

@@ -117,9 +117,9 @@ def fresh_state() -> Iterator[None]:
 
     The pytest plugin wraps every test in it, so that a keyed node without a store gets a new
     `MemoryStore` in each test (a parametrized test never sees the previous case's result),
-    and an event sink, classifier, redactor, `instant()` or `set_testing` a test leaves
-    behind does not leak into the next. What a session-wide fixture set up before the test
-    stays as it was.
+    and an event sink, classifier, redactor, `instant()`, `set_testing` or an instrumentation
+    (`nodekit.otel.instrument()`) a test leaves behind does not leak into the next. What a
+    session-wide fixture set up before the test stays as it was.
     """
     with RUNTIME.lock:
         saved = [getattr(RUNTIME, name) for name in _KEPT]
@@ -143,6 +143,7 @@ _KEPT = (
     "redactors",
     "warned",
     "max_attempts",
+    "tracer",
 )
 
 
