@@ -19,6 +19,7 @@ URLs are those of `nk.open_store`: ``sqlite:///path``, ``redis://…``, ``postgr
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import os
 import signal
@@ -137,18 +138,18 @@ def _outbox_run(args: argparse.Namespace) -> int:
 
     handler = _handler(args.handler)
     try:
-        outbox = Outbox(args.table)
-        # the options are checked once, here: a mistake is an exit status, not a retry loop
-        Dispatcher(
-            None,
-            handler,
-            outbox=outbox,
+        dispatcher_for = functools.partial(
+            Dispatcher,
+            handler=handler,
+            outbox=Outbox(args.table),
             topic=args.topic,
             batch=args.batch,
             lease=args.lease,
             idle=args.idle,
             retry_delay=args.retry_delay,
         )
+        # the options are checked once, here: a mistake is an exit status, not a retry loop
+        dispatcher_for(None)
     except ConfigError as exc:
         print(f"nodekit outbox run: {exc}", file=sys.stderr)
         return 2
@@ -171,21 +172,12 @@ def _outbox_run(args: argparse.Namespace) -> int:
             stop.wait(args.idle + 1.0)
             continue
         try:
-            dispatcher = Dispatcher(
-                conn,
-                handler,
-                outbox=outbox,
-                topic=args.topic,
-                batch=args.batch,
-                lease=args.lease,
-                idle=args.idle,
-                retry_delay=args.retry_delay,
-            )
+            dispatcher = dispatcher_for(conn)
             current[:] = [dispatcher]
             if stop.is_set():
                 break
             print(
-                f"nodekit outbox: dispatching {outbox.table} as {dispatcher.owner}",
+                f"nodekit outbox: dispatching {dispatcher.outbox.table} as {dispatcher.owner}",
                 file=sys.stderr,
                 flush=True,
             )

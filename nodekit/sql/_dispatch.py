@@ -90,35 +90,27 @@ class Dispatcher:
         """Finish the message being delivered, give the rest of the batch back, return."""
         self._stop.set()
 
+    def _options(self) -> dict[str, Any]:
+        """`Outbox.dispatch`'s options for one round of this dispatcher."""
+        r = self._round
+        return {
+            "limit": r.limit,
+            "topic": r.topic,
+            "lease": r.lease,
+            "retry_delay": r.retry_delay,
+            "owner": self.owner,
+            "stop": self._stop,
+        }
+
     def run_once(self) -> int:
         """One round: claim a batch, deliver it, settle it; returns how many were delivered."""
-        r = self._round
-        done = self.outbox.dispatch(
-            self.conn,
-            self.handler,
-            limit=r.limit,
-            topic=r.topic,
-            lease=r.lease,
-            retry_delay=r.retry_delay,
-            owner=self.owner,
-            stop=self._stop,
-        )
+        done = self.outbox.dispatch(self.conn, self.handler, **self._options())
         self.delivered += done
         return done
 
     async def arun_once(self) -> int:
         """`run_once` on the event loop (`Outbox.adispatch`); a sync handler is called inline."""
-        r = self._round
-        done = await self.outbox.adispatch(
-            self.conn,
-            self._ahandler,
-            limit=r.limit,
-            topic=r.topic,
-            lease=r.lease,
-            retry_delay=r.retry_delay,
-            owner=self.owner,
-            stop=self._stop,
-        )
+        done = await self.outbox.adispatch(self.conn, self._ahandler, **self._options())
         self.delivered += done
         return done
 
