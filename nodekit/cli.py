@@ -57,7 +57,7 @@ def _stats(url: str) -> int:
 
 def _show(url: str, namespace: str, digest: str, scope: str) -> int:
     from ._errors import IdempotencyCorruptRecord
-    from .idempotency import RecordKey
+    from .idempotency import IN_PROGRESS, RecordKey, holder_of
 
     with _opened(url) as store:
         try:
@@ -82,6 +82,11 @@ def _show(url: str, namespace: str, digest: str, scope: str) -> int:
             "format_version",
         ):
             print(f"{name}: {getattr(record, name)}")
+        holder = holder_of(record)
+        if record.state == IN_PROGRESS:  # who holds it now, and until when
+            print(f"holder: {holder.describe()}")
+        elif holder.pid is not None:  # who ran it
+            print(f"holder: pid {holder.pid} on host {holder.host}")
         print(
             f"result stored: {record.result is not None}; error stored: {record.error is not None}"
         )

@@ -1,5 +1,7 @@
 """The `nodekit` command line inspects and resolves records in a real store."""
 
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +54,10 @@ def test_show_prints_a_record_without_its_result(
     assert "result stored: True" in out
     assert f"key_digest: {digest}" in out
     assert "o-1" not in out  # the raw key never appears, nor the stored result
+    # the holder that acquired it: this test process (alive), on this host
+    holder = next(line for line in out.splitlines() if line.startswith("holder: "))
+    assert f"pid {os.getpid()}" in holder
+    assert socket.gethostname() in holder
 
 
 def test_resolve_deletes_the_record_so_the_key_runs_again(

@@ -1,10 +1,12 @@
 """Idempotency keys and the stores they live in.
 
 The public names are re-exported from `nodekit`; this package also exposes the store protocol
-(`Store`, `Record`, `RecordKey`, `Acquisition`) for people who write their own store.
+(`Store`, `Record`, `RecordKey`, `Acquisition`) for people who write their own store, and
+`KeyHolder` (an error's `.holder`; `holder_of(record)` for a stored record).
 """
 
 from .._canonical import canonical_json, derive_key
+from ._holder import KeyHolder, holder_of
 from ._open import default_store, open_store, set_default_store
 from ._policy import Codec, Idempotency, NodekitWarning
 from ._resolve import aresolve, resolve
@@ -45,6 +47,7 @@ __all__ = [
     "AsyncStore",
     "Codec",
     "Idempotency",
+    "KeyHolder",
     "MemoryStore",
     "NodekitWarning",
     "PostgresStore",
@@ -58,6 +61,7 @@ __all__ = [
     "canonical_json",
     "default_store",
     "derive_key",
+    "holder_of",
     "open_store",
     "resolve",
     "set_default_store",

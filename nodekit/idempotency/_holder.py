@@ -35,6 +35,7 @@ __all__ = [
     "Identity",
     "KeyHolder",
     "alive",
+    "holder_of",
     "holder_text",
     "identity",
     "key_holder",
@@ -294,3 +295,9 @@ def key_holder(
         me.pidns,
     )
     return KeyHolder(holder.host, holder.pid, since, lease_ends, state, this_process=mine)
+
+
+def holder_of(record: Any) -> KeyHolder:
+    """Who holds (or held) a stored record's key, its liveness checked from this host: what
+    `nodekit store show` prints."""
+    return key_holder(record.holder, record.created_at, record.lease_expires_at)
