@@ -46,6 +46,29 @@ def guarded_sync(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any) -> An
 
 async def guarded_async(spec: NodeSpec, ctx: NodeContext, args: Any, kwargs: Any) -> Any:
     """The async twin of `guarded_sync`."""
+    guards = spec.guards
+    if len(guards) == 1 and not spec.threaded and not guards[0].awaits:
+        # one guard that does no I/O (a local rate limit, breaker or bulkhead): the same
+        # steps without the bookkeeping for several, on the path of every such attempt
+        guard = guards[0]
+        token = guard.enter(spec, ctx)
+        if token.__class__ is AttemptWait:
+            wait, token = token, None
+            try:
+                await RUNTIME.asleep(wait)
+            except BaseException as exc:
+                guard.exit(spec, ctx, None, exc, monotonic(), 0.0)
+                raise
+        started = monotonic()
+        try:
+            result = await spec.fn(*args, **kwargs)
+        except BaseException as exc:
+            now = monotonic()
+            guard.exit(spec, ctx, token, exc, now, now - started)
+            raise
+        now = monotonic()
+        guard.exit(spec, ctx, token, None, now, now - started)
+        return result
     entered: list[tuple[Any, Any]] = []
     started = 0.0
     error: BaseException | None = None
