@@ -478,6 +478,11 @@ def instrument(tracer_provider: Any = None, meter_provider: Any = None) -> None:
     replaces the previous instrumentation. Process-wide, like event sinks; ``uninstrument()``
     removes it.
     """
+    _instrument(tracer_provider, meter_provider)
+
+
+def _instrument(tracer_provider: Any, meter_provider: Any) -> object:
+    """`instrument()`, returning what it installed (for `_uninstrument_if`)."""
     global _installed
     version = _version()
     tracer = trace.get_tracer("nodekit", version, tracer_provider=tracer_provider)
@@ -489,12 +494,20 @@ def instrument(tracer_provider: Any = None, meter_provider: Any = None) -> None:
         with RUNTIME.lock:
             RUNTIME.tracer = hooks
         _installed = hooks
+    return hooks
 
 
 def uninstrument() -> None:
     """Stop tracing and recording metrics; nodes go back to their uninstrumented cost."""
     with _lock:
         _uninstall()
+
+
+def _uninstrument_if(installed: object) -> None:
+    """Uninstrument if `installed` is still in effect: not an ``instrument()`` made since."""
+    with _lock:
+        if installed is not None and _installed is installed:
+            _uninstall()
 
 
 def instrumented() -> bool:

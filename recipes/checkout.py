@@ -42,7 +42,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import httpx
 from pydantic import BaseModel
@@ -51,7 +51,11 @@ import nodekit as nk
 from nodekit import files, sql
 from nodekit import http as nkhttp
 
+from . import _progress
 from ._common import api_base, connect, data_dir, parser
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 __all__ = ["Order", "build_flow", "main", "make_orders", "run_orders"]
 
@@ -359,12 +363,21 @@ class Progress:
     """An event sink that prints one line per finished node, as the run goes.
 
     It is a plain consumer of nodekit's one event stream: the attempts and errors it shows
-    are the ``node.retrying`` events of that node in that run.
+    are the ``node.retrying`` events of that node in that run. With `notes`, a live view
+    shows the nodes' progress: the line per node is dropped, and the lines worth reading on
+    their own (a failed order, the circuit's changes, a fallback) go to `notes` instead.
     """
 
-    def __init__(self, out: TextIO = sys.stdout, *, quiet: bool = False) -> None:
+    def __init__(
+        self,
+        out: TextIO = sys.stdout,
+        *,
+        quiet: bool = False,
+        notes: Callable[[str], None] | None = None,
+    ) -> None:
         self.out = out
         self.quiet = quiet
+        self.notes = notes
         self.lock = threading.Lock()
         self.retries: dict[tuple[str | None, str | None], list[str]] = defaultdict(list)
         self.faults: Counter[str] = Counter()
@@ -391,7 +404,7 @@ class Progress:
             detail = took + (
                 f"  {len(errors) + 1} attempts: " + ", ".join(errors) if errors else ""
             )
-            self._line(event, f"{event.node:<15} {detail}")
+            self._line(event, f"{event.node:<15} {detail}", routine=True)
         elif name == "flow.node_skipped":
             with self.lock:
                 self.replayed += 1
@@ -400,7 +413,7 @@ class Progress:
             with self.lock:
                 skipped = self.skipped.pop(event.run_id, [])
             if skipped:
-                self._line(event, f"replayed from the journal: {', '.join(skipped)}")
+                self._line(event, f"replayed from the journal: {', '.join(skipped)}", routine=True)
         elif name == "flow.failed":
             self._line(event, f"FAILED at {event.fields.get('failed')}: {event.error}")
         elif name.startswith(("circuit.", "rate_limit.")):
@@ -416,12 +429,16 @@ class Progress:
                 self.fallbacks[event.node or "?"] += 1
             self._line(event, f"{event.node:<15} fell back after {_reason(event)}")
 
-    def _line(self, event: nk.Event, text: str) -> None:
-        if self.quiet:
+    def _line(self, event: nk.Event, text: str, *, routine: bool = False) -> None:
+        if self.quiet or (routine and self.notes is not None):
             return
         order = (event.run_id or "").removeprefix("checkout:")
+        line = f"  {order:<7} {text}"
+        if self.notes is not None:
+            self.notes(line)
+            return
         with self.lock:
-            print(f"  {order:<7} {text}", file=self.out, flush=True)
+            print(line, file=self.out, flush=True)
 
 
 def _reason(event: nk.Event) -> str:
@@ -461,11 +478,15 @@ def _summary(
     elapsed: float,
     api: Any,
     charged_before: int,
+    console: Console | None = None,
 ) -> None:
     ok = sum(1 for value in outcomes.values() if isinstance(value, Order))
     print(f"\n  {ok} of {len(outcomes)} orders completed in {elapsed:.2f} s", file=out)
     snapshot = metrics.snapshot()
-    if any(stats.calls for stats in snapshot.values()):
+    if console is not None:
+        if snapshot:
+            console.print(_progress.summary_table(snapshot))
+    elif any(stats.calls for stats in snapshot.values()):
         header = f"  {'node':<15} {'calls':>6} {'retries':>8} {'mean ms':>8}"
         print(header, file=out)
         for name, stats in sorted(snapshot.items()):
@@ -542,13 +563,22 @@ def _run_pass(
     api: Any,
     journal: Any,
     out: TextIO,
+    console: Console | None = None,
 ) -> dict[str, Any]:
+    """One pass over the orders, then its summary. With a `console` (a terminal, rich
+    installed, no --plain or --quiet) a live row per node replaces the line per node, and the
+    per-node summary is a table; everything else is the same plain text."""
     print(f"\n{title}", file=out, flush=True)
     metrics = nk.Metrics()
-    progress = Progress(out, quiet=args.quiet)
+    progress = Progress(out, quiet=args.quiet, notes=_progress.notes(console) if console else None)
     root = data_dir(args.data_dir)
     charged_before = sum(_charges(api).values())
-    with _sink(metrics), _sink(progress):
+    live = (
+        _progress.live_view(console, total=len(orders))
+        if console is not None
+        else contextlib.nullcontext()
+    )
+    with _sink(metrics), _sink(progress), live:
         started = time.perf_counter()
         outcomes = run_orders(
             orders,
@@ -560,11 +590,19 @@ def _run_pass(
             concurrency=args.concurrency,
         )
         elapsed = time.perf_counter() - started
-    _summary(out, outcomes, metrics, progress, elapsed, api, charged_before)
+    _summary(out, outcomes, metrics, progress, elapsed, api, charged_before, console)
     return outcomes
 
 
-def main(argv: Sequence[str] | None = None, *, out: TextIO = sys.stdout) -> int:
+def main(
+    argv: Sequence[str] | None = None, *, out: TextIO = sys.stdout, console: Console | None = None
+) -> int:
+    """Run the command line; exit code 0 when every order completed, else 1.
+
+    Progress goes to `out` as plain lines, or, when `out` is a terminal and rich is installed,
+    as a live view drawn on `console` (by default one writing to `out`; tests pass their own).
+    ``--plain`` and ``--quiet`` always print plain lines.
+    """
     cli = parser(
         "checkout", "Reserve stock, charge, send the receipt, write the audit file: once per order."
     )
@@ -594,6 +632,12 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO = sys.stdout) -> int:
     )
     cli.add_argument("--quiet", action="store_true", help="no line per node, only the summaries")
     cli.add_argument(
+        "--plain",
+        action="store_true",
+        help="plain lines even on a terminal (no live view, no tables; the default when the "
+        "output is a pipe or a file, or rich is not installed)",
+    )
+    cli.add_argument(
         "--outage",
         type=int,
         default=0,
@@ -607,6 +651,8 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO = sys.stdout) -> int:
         help="the newcomer's tour: faults on, a fresh --data-dir/demo, then the same orders again",
     )
     args = cli.parse_args(argv)
+    plain = args.plain or args.quiet
+    console = None if plain else console or _progress.terminal_console(out)
     if args.demo:
         # with an outage, the outage is the demo's fault: a random one could fail the probe
         args.faults = args.faults or (0.0 if args.outage > 0 else 0.25)
@@ -648,7 +694,7 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO = sys.stdout) -> int:
                     file=out,
                 )
             outcomes = _run_pass(
-                "first pass: every node runs", args, orders, api_url, api, journal, out
+                "first pass: every node runs", args, orders, api_url, api, journal, out, console
             )
             if args.again:
                 title = (
@@ -670,6 +716,7 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO = sys.stdout) -> int:
                     api,
                     journal,
                     out,
+                    console,
                 )
     finally:
         journal.close()

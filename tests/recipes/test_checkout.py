@@ -331,6 +331,7 @@ def test_help_lists_the_flags(capsys: pytest.CaptureFixture[str]) -> None:
         "--prefix",
         "--again",
         "--quiet",
+        "--plain",
         "--demo",
         "--outage",
     ):
