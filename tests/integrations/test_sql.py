@@ -10,12 +10,7 @@ crash tests SIGKILL a real worker process (`_sql_worker.py`) at each step of the
 from __future__ import annotations
 
 import contextlib
-import os
-import select
-import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -34,6 +29,7 @@ from nodekit.sql import Message, Outbox, transactional
 from nodekit.testing import capture_events, instant
 
 from ._sql_worker import Receipt, place_order, place_order_and_notify, record_delivery
+from ._workers import Worker, spawner
 
 EFFECTS = "nodekit_sql_effects"
 OUTBOX_TABLE = "nodekit_outbox"
@@ -738,69 +734,9 @@ def test_deadline_never_loosens_the_session_statement_timeout(pg_backend: Backen
 # ---------------------------------------------------------------------------- crashes
 
 
-class Worker:
-    """`_sql_worker.py` in its own interpreter; reports stages on stdout, killed at one."""
-
-    def __init__(self, args: list[str], log: Path) -> None:
-        self.log = log
-        self._log = log.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, str(WORKER), *args],
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            cwd=ROOT,
-        )
-        self._buffer = b""
-        self.lines: list[str] = []
-
-    def wait_for(self, prefix: str, timeout: float = 20.0) -> str:
-        """Block until the worker prints a line starting with `prefix`; return that line."""
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        deadline = time.monotonic() + timeout
-        while True:
-            while b"\n" in self._buffer:
-                raw, self._buffer = self._buffer.split(b"\n", 1)
-                line = raw.decode()
-                self.lines.append(line)
-                if line.startswith(prefix):
-                    return line
-            left = deadline - time.monotonic()
-            ready, _, _ = select.select([fd], [], [], max(0.0, left))
-            chunk = os.read(fd, 4096) if ready else b""
-            if not chunk:
-                self.close()
-                raise AssertionError(
-                    f"worker never reported {prefix!r}; it said {self.lines}; "
-                    f"stderr: {self.log.read_text()}"
-                )
-            self._buffer += chunk
-
-    def kill(self) -> None:
-        os.kill(self.proc.pid, signal.SIGKILL)
-        assert self.proc.wait(10) == -signal.SIGKILL
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
-        self._log.close()
-
-
 @pytest.fixture
 def spawn(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
-    workers: list[Worker] = []
-
-    def start(*args: str) -> Worker:
-        worker = Worker(list(args), tmp_path / f"worker-{len(workers)}.log")
-        workers.append(worker)
-        return worker
-
-    yield start
-    for worker in workers:
-        worker.close()
+    yield from spawner(WORKER, tmp_path)
 
 
 def sqlite_backend(tmp_path: Path) -> Backend:

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import select
-import signal
 import subprocess
 import sys
 import threading
@@ -37,6 +34,7 @@ from nodekit.sql import transactional
 from nodekit.testing import capture_events, instant
 
 from ._sql_drivers_worker import APP, Base, Order, Receipt
+from ._workers import Worker, spawner
 
 EFFECTS = "nodekit_sql_effects"
 ROOT = Path(__file__).resolve().parents[2]
@@ -771,64 +769,9 @@ async def test_sync_and_async_kinds_must_match_the_node() -> None:
 # ---------------------------------------------------------------------------- crashes
 
 
-class Worker:
-    """`_sql_drivers_worker.py` in its own interpreter; reports stages on stdout."""
-
-    def __init__(self, args: list[str], log: Path) -> None:
-        self.log = log
-        self._log = log.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, str(WORKER), *args], stdout=subprocess.PIPE, stderr=self._log, cwd=ROOT
-        )
-        self._buffer = b""
-        self.lines: list[str] = []
-
-    def wait_for(self, prefix: str, timeout: float = 20.0) -> str:
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        deadline = time.monotonic() + timeout
-        while True:
-            while b"\n" in self._buffer:
-                raw, self._buffer = self._buffer.split(b"\n", 1)
-                line = raw.decode()
-                self.lines.append(line)
-                if line.startswith(prefix):
-                    return line
-            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-            chunk = os.read(fd, 4096) if ready else b""
-            if not chunk:
-                self.close()
-                raise AssertionError(
-                    f"worker never reported {prefix!r}; it said {self.lines}; "
-                    f"stderr: {self.log.read_text()}"
-                )
-            self._buffer += chunk
-
-    def kill(self) -> None:
-        os.kill(self.proc.pid, signal.SIGKILL)
-        assert self.proc.wait(10) == -signal.SIGKILL
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
-        self._log.close()
-
-
 @pytest.fixture
 def spawn(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
-    workers: list[Worker] = []
-
-    def start(*args: str) -> Worker:
-        worker = Worker(list(args), tmp_path / f"worker-{len(workers)}.log")
-        workers.append(worker)
-        return worker
-
-    yield start
-    for worker in workers:
-        worker.close()
+    yield from spawner(WORKER, tmp_path)
 
 
 @pytest.mark.slow
