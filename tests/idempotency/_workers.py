@@ -16,12 +16,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 import nodekit as nk
 from nodekit.idempotency import MemoryStore, RecordKey
 from nodekit.testing import capture_events
 
 HAVE_REDIS = importlib.util.find_spec("nodekit.idempotency.redis") is not None
 HAVE_POSTGRES = importlib.util.find_spec("nodekit.idempotency.postgres") is not None
+
+# the stores several processes can share (the parameters of the `spec` fixture, conftest.py)
+DURABLE = [
+    "sqlite",
+    *([pytest.param("redis", marks=pytest.mark.services)] if HAVE_REDIS else []),
+    *([pytest.param("postgres", marks=pytest.mark.services)] if HAVE_POSTGRES else []),
+]
 
 StoreSpec = tuple[str, ...]
 

@@ -13,6 +13,8 @@ import pytest
 
 from nodekit.idempotency import MemoryStore, RecordKey
 
+from . import _workers
+
 STORE_KINDS = ["memory", "sqlite", "redis", "postgres"]
 
 
@@ -184,3 +186,18 @@ async def abackend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncItera
     finally:
         for store in made.stores:
             await store.aclose()
+
+
+# ---------------------------------------------------------------------------- processes
+
+
+@pytest.fixture(params=_workers.DURABLE)
+def spec(request: pytest.FixtureRequest, tmp_path: Path) -> _workers.StoreSpec:
+    """A store every process opens for itself: a SQLite file, a Redis prefix, a PG schema."""
+    return _workers.store_spec(request, request.param, tmp_path)
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> dict[str, str]:
+    """The files worker processes write: what they did (ledger), returned, and signal."""
+    return {name: str(tmp_path / f"{name}.txt") for name in ("ledger", "results", "signal")}

@@ -31,7 +31,7 @@ from nodekit.testing import capture_events, instant
 
 from . import _dead_workers, _workers
 from ._dead_workers import gone_pid, held_record, holder_json, start_of
-from ._workers import HAVE_POSTGRES, HAVE_REDIS, StoreSpec, effects, make_store, read_lines
+from ._workers import StoreSpec, effects, make_store, read_lines
 from .conftest import Backend
 
 PROCESSES = multiprocessing.get_context("forkserver")
@@ -41,26 +41,10 @@ PROCESSES.set_forkserver_preload(
 LONG_LEASE = 60.0  # a lease no test waits out: only a dead-holder takeover gets through
 FAST = 1.0  # "at once": a generous bound for a takeover, store round trips included
 
-DURABLE = [
-    "sqlite",
-    *([pytest.param("redis", marks=pytest.mark.services)] if HAVE_REDIS else []),
-    *([pytest.param("postgres", marks=pytest.mark.services)] if HAVE_POSTGRES else []),
-]
 
 pytestmark = pytest.mark.skipif(
     not Path("/proc/self/stat").exists(), reason="process start times come from /proc"
 )
-
-
-@pytest.fixture(params=DURABLE)
-def spec(request: pytest.FixtureRequest, tmp_path: Path) -> StoreSpec:
-    """A store every process opens for itself: a SQLite file, a Redis prefix, a PG schema."""
-    return _workers.store_spec(request, request.param, tmp_path)
-
-
-@pytest.fixture
-def files(tmp_path: Path) -> dict[str, str]:
-    return {name: str(tmp_path / f"{name}.txt") for name in ("ledger", "results", "signal")}
 
 
 @pytest.fixture

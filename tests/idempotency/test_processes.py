@@ -19,7 +19,7 @@ import pytest
 from nodekit.idempotency import COMPLETED, derive_key
 
 from . import _workers
-from ._workers import HAVE_POSTGRES, HAVE_REDIS, StoreSpec, effects, make_store, read_lines
+from ._workers import DURABLE, StoreSpec, effects, make_store, read_lines
 
 pytestmark = pytest.mark.slow
 
@@ -28,23 +28,6 @@ pytestmark = pytest.mark.slow
 PROCESSES = multiprocessing.get_context("forkserver")
 PROCESSES.set_forkserver_preload(["nodekit", "nodekit.idempotency.sqlite", _workers.__name__])
 LEASE = 0.5
-
-DURABLE = [
-    "sqlite",
-    *([pytest.param("redis", marks=pytest.mark.services)] if HAVE_REDIS else []),
-    *([pytest.param("postgres", marks=pytest.mark.services)] if HAVE_POSTGRES else []),
-]
-
-
-@pytest.fixture(params=DURABLE)
-def spec(request: pytest.FixtureRequest, tmp_path: Path) -> StoreSpec:
-    """A store every process opens for itself: a SQLite file, a Redis prefix, a PG schema."""
-    return _workers.store_spec(request, request.param, tmp_path)
-
-
-@pytest.fixture
-def files(tmp_path: Path) -> dict[str, str]:
-    return {name: str(tmp_path / f"{name}.txt") for name in ("ledger", "results", "signal")}
 
 
 @pytest.fixture
