@@ -23,6 +23,7 @@ MODULES: list[str] = [
     "checkout",
     "resilience",
     "sql",
+    "observe",
 ]
 
 
