@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.nodekit-installed
 DEMO_DIR ?= demo-data
 
-.PHONY: install test lint typecheck pytest demo bench clean
+.PHONY: install test lint typecheck pytest demo bench screenshot clean
 
 $(STAMP): pyproject.toml
 	@# (re)create the venv unless it has a working pip: a failed `venv` (no ensurepip) leaves a pip-less one
@@ -33,6 +33,9 @@ demo: install
 	$(BIN)/python -m recipes.checkout --demo
 	@printf '\n--- the same tour with the API down for 9 requests: the circuit breaker opens, a receipt falls back to the outbox, the second pass charges the rest once it half-opens\n\n'
 	$(BIN)/python -m recipes.checkout --demo --outage 9 --quiet --data-dir $(DEMO_DIR)/outage
+
+screenshot: install  # docs/run.png, the README's picture of a demo run (needs chromium)
+	$(BIN)/python -m recipes._screenshot --out docs/run.png
 
 bench: install
 	$(BIN)/python -m pip install --quiet -e . --group bench

@@ -24,6 +24,7 @@ MODULES: list[str] = [
     "resilience",
     "sql",
     "observe",
+    "batch",
 ]
 
 

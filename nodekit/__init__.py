@@ -42,7 +42,7 @@ from ._node import Node, node
 from ._policies import Effect, Retry, Timeout
 from ._redact import add_redactor
 from ._resources import managed, override, resource, use
-from .flow import Flow
+from .flow import END, Flow
 from .idempotency import (
     Idempotency,
     MemoryStore,
@@ -55,19 +55,22 @@ from .idempotency import (
 from .resilience import Bulkhead, CircuitBreaker, RateLimit
 
 if TYPE_CHECKING:  # imported lazily at run time (see __getattr__), typed here
+    from ._batch import Batch
     from .idempotency.postgres import PostgresStore
     from .idempotency.redis import RedisStore
     from .idempotency.sqlite import SQLiteStore
 
 __version__ = "0.1.0.dev0"
 
-__all__ = [
+__all__ = [  # noqa: RUF022 - plainly sorted (END among the capitals), as the test pins it
+    "Batch",
     "Bulkhead",
     "BulkheadFull",
     "CircuitBreaker",
     "CircuitOpen",
     "ConfigError",
     "ContextFilter",
+    "END",
     "Effect",
     "Event",
     "Flow",
@@ -120,6 +123,11 @@ __all__ = [
 
 
 def __getattr__(name: str) -> object:
+    # batching is imported when first used: `import nodekit` does not pay for it
+    if name == "Batch":
+        from ._batch import Batch
+
+        return Batch
     # durable stores import their drivers (sqlite3, redis, psycopg) only when asked for
     if name in ("SQLiteStore", "RedisStore", "PostgresStore"):
         from . import idempotency

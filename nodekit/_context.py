@@ -11,8 +11,10 @@ import contextvars
 import time
 from typing import Any, Protocol
 
+from . import _events
 from ._canonical import derive_key
-from ._errors import NodekitError
+from ._errors import ConfigError, NodekitError
+from ._redact import redact_fields
 
 # Re-exported for `nodekit.flow`, which still imports them from here; new code imports them
 # from `_resources`.
@@ -27,6 +29,9 @@ __all__ = [
     "reset_run_id",
     "set_run_id",
 ]
+
+# the fields of a `node.progress` event that `NodeContext.emit` sets itself (or `Event` has)
+_RESERVED = frozenset({"progress", *_events.Event.__dataclass_fields__})
 
 # A run id set by a flow (or by `run_id()`) for every node called inside it.
 _RUN_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("nodekit_run_id", default=None)
@@ -123,6 +128,12 @@ class NodeContext:
             return None
         return max(0.0, self.deadline - time.monotonic())
 
+    @property
+    def batch_keys(self) -> tuple[str | None, ...] | None:
+        """In a batch node's call (`nk.Batch`), the items' key digests aligned with the items
+        (None for an unkeyed item); None in any other call. Set by `nodekit._batch`."""
+        return None
+
     def idempotency_key_for(self, step: str) -> str:
         """A downstream key derived from this call's key: the same on every attempt and resume."""
         if self.idempotency_key is None:
@@ -133,6 +144,46 @@ class NodeContext:
             )
         self.key_carried = True  # this attempt sends the key downstream: a retry is a replay
         return derive_key(self.idempotency_key, step)
+
+    def emit(self, name: str, /, **fields: Any) -> None:
+        """Report progress: a ``node.progress`` event with ``progress=name`` and `fields`.
+
+        It carries this call's node, run id and attempt, reaches every sink (logs at INFO,
+        metrics, `Flow.stream` in ``"events"`` mode, as it happens) and costs one check when
+        nobody listens. Fields pass the redactor: one named like a secret (``password``,
+        ``api_key``) is masked, secrets in strings hidden (see `nodekit.add_redactor`).
+        Raises `NodekitError` outside a running node, `ConfigError` for a field name the
+        event uses itself (``progress``, ``node``, ``run_id``, ``attempt``, ...).
+        """
+        if CURRENT.get() is None:
+            raise NodekitError(
+                f"nk.context().emit({name!r}) was called outside a running node: node "
+                f"{self.node!r} has ended, or this thread or task does not run it",
+                node=self.node,
+            )
+        if not isinstance(name, str) or not name:
+            raise ConfigError(
+                f"node {self.node!r}: emit() takes a non-empty event name, got {name!r}",
+                node=self.node,
+                option="name",
+            )
+        if not _RESERVED.isdisjoint(fields):
+            taken = sorted(_RESERVED.intersection(fields))
+            raise ConfigError(
+                f"node {self.node!r}: emit({name!r}) got field(s) {taken}, which the event "
+                "uses itself: rename them",
+                node=self.node,
+                option=taken[0],
+            )
+        if _events.wanted("node.progress"):
+            _events.emit(
+                "node.progress",
+                self.node,
+                self.run_id,
+                self.attempt,
+                progress=name,
+                **redact_fields(fields),
+            )
 
     def __repr__(self) -> str:
         return (

@@ -7,7 +7,8 @@ fingerprint) so that a handler can act on them without parsing messages.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 __all__ = [
@@ -172,7 +173,10 @@ class BulkheadFull(NodekitError):
 class FlowError(NodekitError):
     """A flow failed: carries the state as it stood, the completed nodes and the failing node.
 
-    `field` names the state field at fault when the failure was an invalid update.
+    `field` names the state field at fault when the failure was an invalid update. In a flow
+    with compensations (``flow.add(node, compensate=undo)``), `compensated` names the nodes
+    undone (in the order their compensations ran) and `not_compensated` maps each node whose
+    compensation failed to why; the node's error stays the cause.
     """
 
     state: Any = None
@@ -180,3 +184,5 @@ class FlowError(NodekitError):
     failed: str | None = None
     field: str | None = None
     run_id: str | None = None
+    compensated: tuple[str, ...] = ()
+    not_compensated: Mapping[str, str] = MappingProxyType({})

@@ -55,6 +55,7 @@ _LEVELS: dict[str, int] = {
     "node.abandoned_finished": INFO,
     "node.failed": ERROR,
     "node.fallback": WARNING,
+    "node.progress": INFO,
     "circuit.opened": ERROR,
     "circuit.half_opened": INFO,
     "circuit.closed": INFO,
@@ -69,6 +70,9 @@ _LEVELS: dict[str, int] = {
     "flow.node_skipped": INFO,
     "flow.finished": INFO,
     "flow.failed": ERROR,
+    "flow.compensating": WARNING,
+    "node.compensated": INFO,
+    "node.compensation_failed": ERROR,
     "idempotency.acquired": DEBUG,
     "idempotency.completed": DEBUG,
     "idempotency.replayed": INFO,
@@ -88,8 +92,8 @@ _LEVELS: dict[str, int] = {
 }
 
 
-# fields that stay in process: a flow's state holds the user's payload
-_UNLOGGED = frozenset({"state"})
+# fields that stay in process: a flow's state and a node's update hold the user's payload
+_UNLOGGED = frozenset({"state", "update"})
 
 
 @dataclass(frozen=True, slots=True)

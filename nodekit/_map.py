@@ -5,7 +5,10 @@ item). Results come back in input order in a `MapResult`; an item's failure is r
 the others' results instead of losing them. `map` runs sync nodes in worker threads (each
 item in a copy of the caller's contextvars) and async nodes on the calling thread's event
 loop (`_loops.thread_loop`, kept across calls, like a sync flow's); `amap` runs async nodes as
-tasks and sync nodes through `asyncio.to_thread`, never blocking the loop.
+tasks and sync nodes through `asyncio.to_thread`, never blocking the loop. Given an
+`executor` (any `concurrent.futures.Executor`: a process pool, a Dask client's
+`get_executor()`), both submit every item to it instead (`_executors`: the node travels by
+reference, its stores by URL).
 """
 
 from __future__ import annotations
@@ -14,13 +17,14 @@ import asyncio
 import contextvars
 import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Generic, TypeVar
 
 from ._errors import ConfigError
 from ._execution import thread_bound_error
+from ._executors import Shipped, check_executor, in_process, shipped
 from ._loops import thread_loop
 from ._spec import NodeSpec
 
@@ -97,10 +101,17 @@ def map_sync(
     /,
     *,
     concurrency: int | None = None,
+    executor: Executor | None = None,
 ) -> MapResult[Any]:
-    """Call the node once per item; sync nodes in up to `concurrency` threads (default 32)."""
+    """Call the node once per item; sync nodes in up to `concurrency` threads (default 32).
+
+    With `executor` (any `concurrent.futures.Executor`) every item is submitted to it, at
+    most `concurrency` in flight (default: all), sync and async nodes alike.
+    """
     limit = _limit(concurrency, spec.name)
     values = list(items)
+    if executor is not None:
+        return _map_executor(call, spec, values, limit, executor)
     if spec.is_async:
         return thread_loop().run(map_async(call, spec, values, concurrency=limit))
     results: list[Any] = [None] * len(values)
@@ -138,12 +149,14 @@ async def map_async(
     /,
     *,
     concurrency: int | None = None,
+    executor: Executor | None = None,
 ) -> MapResult[Any]:
     """Await the node once per item, at most `concurrency` at a time (default: all at once).
 
     Async nodes run as tasks; sync nodes in worker threads (`asyncio.to_thread`, contextvars
-    kept; the loop's default executor bounds how many run at once). Cancelling the caller
-    cancels every item still running.
+    kept; the loop's default executor bounds how many run at once). With `executor`, every
+    item is submitted to it instead and awaited. Cancelling the caller cancels every item
+    still running (an item an executor already started may still finish there).
     """
     limit = _limit(concurrency, spec.name)
     values = list(items)
@@ -153,12 +166,15 @@ async def map_async(
         return _result(spec.name, results, errors)
     pending = iter(enumerate(values))
     is_async = spec.is_async
+    submit = None if executor is None else _submitter(call, spec, executor, "amap")
 
     async def worker() -> None:
         # workers share one iterator: at most `limit` items are in flight at any time
         for index, item in pending:
             try:
-                if is_async:
+                if submit is not None:
+                    results[index] = await asyncio.wrap_future(submit(item))
+                elif is_async:
                     results[index] = await call(item)
                 else:
                     try:
@@ -179,6 +195,51 @@ async def map_async(
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
+    return _result(spec.name, results, errors)
+
+
+def _submitter(
+    call: Callable[..., Any], spec: NodeSpec, executor: Any, where: str
+) -> Callable[[Any], Future[Any]]:
+    """`submit(item)`: one item on the executor (checked now); in this process for a thread
+    pool (in a copy of the caller's context), else the node shipped by reference."""
+    pool = check_executor(executor, spec.name, where=f"node {spec.name!r}: {where}")
+    if in_process(pool):
+        local = Shipped(call)
+        return lambda item: pool.submit(contextvars.copy_context().run, local, item)
+    remote = shipped(call)
+    return lambda item: pool.submit(remote, item)
+
+
+def _map_executor(
+    call: Callable[..., Any],
+    spec: NodeSpec,
+    values: list[Any],
+    limit: int | None,
+    executor: Any,
+) -> MapResult[Any]:
+    """`map` on an executor: every item submitted (at most `limit` in flight), in order."""
+    submit = _submitter(call, spec, executor, "map")
+    results: list[Any] = [None] * len(values)
+    errors: dict[int, Exception] = {}
+    window = len(values) if limit is None else limit
+    futures: dict[Future[Any], int] = {}
+    position = 0
+    try:
+        while position < len(values) or futures:
+            while position < len(values) and len(futures) < window:
+                futures[submit(values[position])] = position
+                position += 1
+            done, _ = wait(futures, return_when=FIRST_COMPLETED)
+            for future in done:
+                index = futures.pop(future)
+                try:
+                    results[index] = future.result()
+                except Exception as exc:
+                    errors[index] = exc
+    finally:
+        for future in futures:
+            future.cancel()
     return _result(spec.name, results, errors)
 
 

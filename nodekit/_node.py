@@ -15,7 +15,8 @@ import inspect
 import sys
 import time
 from collections.abc import Callable, Coroutine, Iterable
-from typing import Any, Generic, ParamSpec, Protocol, TypeVar, overload
+from concurrent.futures import Executor
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar, overload
 
 from ._context import NodeContext
 from ._errors import ConfigError
@@ -39,6 +40,9 @@ from .idempotency._keyed import keyed_async, keyed_sync, on_abandoned_finish
 from .idempotency._policy import compile_idempotency
 from .resilience import Bulkhead, CircuitBreaker, RateLimit, compile_resilience
 
+if TYPE_CHECKING:  # `_batch` is imported by the first batch node (see `compile_spec`)
+    from ._batch import Batch, BatchNode
+
 __all__ = [
     "Node",
     "NodeSpec",
@@ -51,6 +55,7 @@ __all__ = [
 
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T")
 
 _OPTIONS = (
     "name",
@@ -62,6 +67,7 @@ _OPTIONS = (
     "rate_limit",
     "bulkhead",
     "fallback",
+    "batch",
 )
 
 
@@ -77,14 +83,28 @@ class Node(Protocol, Generic[P, R]):
 
     def options(self, **changes: Any) -> Node[P, R]: ...
 
-    def map(self, items: Iterable[Any], /, *, concurrency: int | None = None) -> MapResult[Any]:
-        """Call the node once per item (threads; see `nodekit._map`); results in input order."""
+    def map(
+        self,
+        items: Iterable[Any],
+        /,
+        *,
+        concurrency: int | None = None,
+        executor: Executor | None = None,
+    ) -> MapResult[Any]:
+        """Call the node once per item (threads, or `executor`; see `nodekit._map`); results
+        in input order."""
         ...
 
     def amap(
-        self, items: Iterable[Any], /, *, concurrency: int | None = None
+        self,
+        items: Iterable[Any],
+        /,
+        *,
+        concurrency: int | None = None,
+        executor: Executor | None = None,
     ) -> Coroutine[Any, Any, MapResult[Any]]:
-        """Await the node once per item (tasks, or threads for a sync node), in input order."""
+        """Await the node once per item (tasks, threads for a sync node, or `executor`), in
+        input order."""
         ...
 
 
@@ -131,7 +151,12 @@ def compile_spec(fn: Callable[..., Any], config: dict[str, Any]) -> NodeSpec:
     spec = NodeSpec(fn, config, drive_sync=run_sync, drive_async=run_async)
     spec.resources = _resource_params(spec.name, spec.signature)
     idem = config.get("idempotency")
-    if idem is not None:
+    batch = config.get("batch")
+    if batch is not None:  # callers seated in batches; a key per item (`_batch.py`)
+        from ._batch import compile_batch  # imported by the first batch node only
+
+        compile_batch(spec, batch, idem)
+    elif idem is not None:
         spec.idempotency = compile_idempotency(idem, spec)
         spec.drive_sync = keyed_sync
         spec.drive_async = keyed_async
@@ -267,7 +292,10 @@ def build(fn: Callable[..., Any], config: dict[str, Any]) -> Any:
             option=sorted(unknown)[0],
         )
     spec = compile_spec(fn, config)
-    wrapper = _async_wrapper(spec) if spec.is_async else _sync_wrapper(spec)
+    if spec.batch is not None:  # callers seated in batches (`_batch.py`)
+        wrapper = spec.batch.wrapper()
+    else:
+        wrapper = _async_wrapper(spec) if spec.is_async else _sync_wrapper(spec)
     try:
         functools.update_wrapper(wrapper, fn)
     except AttributeError:  # pragma: no cover - callables without __name__ etc.
@@ -300,6 +328,22 @@ def node(fn: Callable[P, R], /) -> Node[P, R]: ...
 @overload
 def node(
     *,
+    batch: Batch,
+    name: str | None = ...,
+    retry: Retry | bool | None = ...,
+    timeout: Timeout | Seconds | None = ...,
+    effect: Effect = ...,
+    idempotency: Any = ...,
+    circuit: CircuitBreaker | None = ...,
+    rate_limit: RateLimit | None = ...,
+    bulkhead: Bulkhead | None = ...,
+    fallback: Callable[..., Any] | None = ...,
+) -> Callable[[Callable[[list[T]], Coroutine[Any, Any, list[R]]]], BatchNode[T, R]]: ...
+
+
+@overload
+def node(
+    *,
     name: str | None = ...,
     retry: Retry | bool | None = ...,
     timeout: Timeout | Seconds | None = ...,
@@ -319,9 +363,12 @@ def node(fn: Callable[..., Any] | None = None, /, **config: Any) -> Any:
     (`nk.Retry`, ``True`` for the defaults, or None: no retry), `timeout` (seconds, a
     `timedelta` or `nk.Timeout`), `effect` (`nk.Effect`, default WRITE), `idempotency`
     (`nk.Idempotency`), `circuit` (`nk.CircuitBreaker`), `rate_limit` (`nk.RateLimit`),
-    `bulkhead` (`nk.Bulkhead`) and `fallback` (``fn(error, *args, **kwargs)``, sync or async
-    like the node). Layers, outermost first: fallback, idempotency, retry (within the total
-    timeout), then per attempt circuit, rate limit, bulkhead, attempt timeout. Every option is validated here; a bad one is a `ConfigError` naming
+    `bulkhead` (`nk.Bulkhead`), `fallback` (``fn(error, *args, **kwargs)``, sync or async
+    like the node) and `batch` (`nk.Batch`: concurrent ``await node(item)`` calls of an
+    ``async def fn(items: list[T]) -> list[R]`` coalesce into one call; see `nodekit._batch`).
+    Layers, outermost first: fallback, idempotency, retry (within the total timeout), then
+    per attempt circuit, rate limit, bulkhead, attempt timeout. Every option is validated
+    here; a bad one is a `ConfigError` naming
     the node and the option. The result is called exactly like `fn` and keeps its signature,
     docstring and call style (an async node stays a coroutine function).
     """

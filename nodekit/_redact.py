@@ -3,7 +3,8 @@
 Exception messages carry what the failing call carried: a URL with ``?api_key=...``, a DSN with
 its password, an ``Authorization`` header, pydantic's ``input_value=`` (the user's payload).
 `error_text` is how nodekit turns an exception into text for events and logs: redacted, on one
-line, and bounded. It runs only on the failure path: a node that succeeds never redacts.
+line, and bounded. It runs only on the failure path: a node that succeeds never redacts
+(unless it reports progress to a listener: `redact_fields`, for ``nk.context().emit``).
 
 Built in: the values of secret-looking query parameters (any name containing key, token,
 secret, passw, pwd, auth, sig, session, credential, code or bearer), the password of user info
@@ -18,11 +19,12 @@ kept in `RUNTIME.redactors` so that `RUNTIME.reset()` removes them.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from ._runtime import RUNTIME
 
-__all__ = ["MASK", "SECRET_NAME", "add_redactor", "error_text", "redact"]
+__all__ = ["MASK", "SECRET_NAME", "add_redactor", "error_text", "redact", "redact_fields"]
 
 MASK = "***"
 
@@ -109,13 +111,47 @@ def error_text(exc: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+# a field whose whole name is clearly secret (``password``, ``db_password``, ``api_key``)
+_SECRET_FIELD = re.compile("(?i)" + _SECRET_WORD)
+_FIELD_DEPTH = 4
+
+
+def redact_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Fields a node reports (``nk.context().emit``) as events may carry them: a field whose
+    name is clearly secret is masked, strings are `redact`-ed, numbers, booleans and None kept,
+    lists, tuples and dicts redacted item by item, anything else replaced by its redacted
+    ``repr``. Only called when someone listens to the event."""
+    return {name: _field(name, value, 0) for name, value in fields.items()}
+
+
+def _field(name: object, value: Any, depth: int) -> Any:
+    if isinstance(name, str) and _SECRET_FIELD.fullmatch(name):
+        return MASK
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, str):
+        return redact(value)
+    if depth < _FIELD_DEPTH:
+        if isinstance(value, list | tuple):
+            items = [_field(None, item, depth + 1) for item in value]
+            return items if isinstance(value, list) else tuple(items)
+        if isinstance(value, Mapping):
+            return {key: _field(key, item, depth + 1) for key, item in value.items()}
+    try:
+        text = repr(value)
+    except Exception:
+        return "<unprintable>"
+    return redact(text[:_MAX_INPUT])
+
+
 def add_redactor(redactor: Callable[[str], str]) -> Callable[[], None]:
     """Hide your own secrets in error text: ``redactor(text)`` returns the text to show.
 
     Runs after nodekit's built-in patterns (URL query secrets, user info in URLs and DSNs,
     ``password=`` pairs, ``Authorization``/``Bearer`` values, JWTs, pydantic's
     ``input_value``), on every exception message before it enters an event or a log line,
-    only on the failure path. It must be fast; one that raises withholds the whole message.
+    only on the failure path (and on the fields of ``nk.context().emit``, when someone
+    listens). It must be fast; one that raises withholds the whole message.
     Returns a function that removes it. Process-wide; `RUNTIME.reset()`
     (``nodekit.testing.reset_defaults()``) removes every redactor::
 

@@ -7,7 +7,9 @@ found, idempotency compiled) and never changes it afterwards.
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
@@ -92,6 +94,7 @@ class NodeSpec:
 
     __slots__ = (
         "attempt_timeout",
+        "batch",
         "config",
         "drive_async",
         "drive_sync",
@@ -152,12 +155,44 @@ class NodeSpec:
         self.drive_sync = drive_sync
         self.drive_async = drive_async
         self.replay_safe = False
+        # a batch node's batcher (`nodekit._batch`, set by `_node.py`); None for other nodes
+        self.batch: Any = None
         if self.retry is not None and self.retry.on_result is not None:
             # a rejected result becomes an error the attempt loop retries (`ResultRejected`)
             self.fn = result_checked(fn, self.retry.on_result, node=name, is_async=self.is_async)
 
     def __repr__(self) -> str:
         return f"NodeSpec({self.name!r}, effect={self.effect!r}, async={self.is_async})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled as a reference to its node (module and qualified name), never with its
+        state (locks, stores, breakers): the other process imports the node and takes its
+        spec. A node that cannot be imported by name cannot be pickled (a clear TypeError
+        instead of one about a lock); `node.map(items, executor=...)` ships those by value."""
+        module = getattr(self.fn, "__module__", None)
+        qualname = getattr(self.fn, "__qualname__", None)
+        found: Any = sys.modules.get(module) if isinstance(module, str) else None
+        if found is not None and module != "__main__" and isinstance(qualname, str):
+            for part in qualname.split("."):
+                found = getattr(found, part, None)
+            if getattr(found, "spec", None) is self:
+                return (_spec_of, (module, qualname))
+        raise TypeError(
+            f"node {self.name!r} cannot be pickled: it is not importable by name (defined in "
+            "a function, in __main__, or made by .options()); define it at module level in "
+            "an importable module, or use node.map(items, executor=...), which sends it by "
+            "value"
+        )
+
+
+def _spec_of(module: str, qualname: str) -> NodeSpec:
+    """The spec of the node `module.qualname` (how a pickled `NodeSpec` comes back)."""
+    found: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        found = getattr(found, part)
+    spec = found.spec
+    assert isinstance(spec, NodeSpec)
+    return spec
 
 
 def is_async_callable(fn: Callable[..., Any]) -> bool:

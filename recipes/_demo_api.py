@@ -1,7 +1,8 @@
 """The demo shop API the recipes talk to: `DemoAPI`, a `LocalAPI` with the shop's routes.
 
-Routes: ``POST /charges`` (an effect: a charge), ``POST /webhooks/<name>`` (an effect: a
-delivery, its ``X-Signature`` checked when a secret is set, 410 once the target is gone),
+Routes: ``POST /charges`` (an effect: a charge), ``POST /refunds`` (an effect: a charge
+refunded), ``POST /webhooks/<name>`` (an effect: a delivery, its ``X-Signature`` checked when a
+secret is set, 410 once the target is gone, 403 for an order whose receipt is refused),
 ``GET /items?page=&per_page=`` (a seeded, paged dataset with ``Link: rel="next"``) and
 ``GET /enrich/<id>`` (a deterministic score for a record) — plus `LocalAPI`'s faults,
 ``Idempotency-Key`` handling, ledger and built-in routes. Run it alone with
@@ -46,6 +47,14 @@ class DemoLedger(Ledger):
         """The webhook deliveries accepted for `target`."""
         return self.find(route=f"POST /webhooks/{target}", effect=True)
 
+    def refunds_for(self, order_id: Any) -> list[LedgerEntry]:
+        """The refunds actually made for `order_id` (replays and faults excluded)."""
+        return [
+            entry
+            for entry in self.find(route="POST /refunds", effect=True)
+            if entry.data.get("order_id") == order_id
+        ]
+
 
 class DemoAPI(LocalAPI):
     """The shop API on 127.0.0.1: ``with DemoAPI(faults=FaultPlan(seed=1)) as api:``.
@@ -74,6 +83,7 @@ class DemoAPI(LocalAPI):
         )
         self._shop_lock = threading.Lock()
         self._gone: set[str] = set()
+        self._refused: set[Any] = set()
         self._charges: dict[str, dict[str, Any]] = {}
         self._outage: tuple[int, int] | None = None  # (after this many charges, requests)
         rng = random.Random(seed)
@@ -88,6 +98,7 @@ class DemoAPI(LocalAPI):
             for i in range(1, items + 1)
         ]
         self.route("POST /charges", self._charge)
+        self.route("POST /refunds", self._refund)
         self.route("POST /webhooks/{target}", self._webhook)
         self.route("GET /items", self._items)
         self.route("GET /enrich/{id}", _enrich)
@@ -104,6 +115,11 @@ class DemoAPI(LocalAPI):
         """Make ``POST /webhooks/<target>`` answer 410 Gone from now on."""
         with self._shop_lock:
             self._gone.add(target)
+
+    def refuse_receipts(self, order_id: Any) -> None:
+        """Refuse every receipt webhook for `order_id` with 403 from now on: it fails for good."""
+        with self._shop_lock:
+            self._refused.add(order_id)
 
     def outage(self, requests: int, *, after_charges: int = 0) -> None:
         """Go down: answer 503 (with the plan's Retry-After) to the next `requests` requests,
@@ -144,6 +160,19 @@ class DemoAPI(LocalAPI):
             self.fail_next(*_down(outage[1]))  # from the next request on
         return APIResponse(201, charge, effect=True, data=dict(charge))
 
+    def _refund(self, request: APIRequest) -> APIResponse:
+        try:
+            payload = request.json()
+            order_id, charge_id = payload["order_id"], payload["charge_id"]
+        except (ValueError, TypeError, KeyError):
+            return APIResponse(400, {"error": 'body must be {"order_id": ..., "charge_id": ...}'})
+        with self._shop_lock:
+            charge = self._charges.get(charge_id)
+            if charge is None or charge["order_id"] != order_id:
+                return APIResponse(404, {"error": "no such charge for this order"})
+            refund = {"id": f"re_{charge_id}", "charge_id": charge_id, "order_id": order_id}
+        return APIResponse(201, refund, effect=True, data=dict(refund))
+
     def _webhook(self, request: APIRequest) -> APIResponse:
         target = request.params["target"]
         with self._shop_lock:
@@ -158,6 +187,10 @@ class DemoAPI(LocalAPI):
             event = request.json()
         except ValueError:
             return APIResponse(400, {"error": "body must be JSON"})
+        with self._shop_lock:
+            refused = isinstance(event, dict) and event.get("order_id") in self._refused
+        if refused:
+            return APIResponse(403, {"error": "receipt refused for this order"})
         count = len(self.ledger.deliveries(target)) + 1
         return APIResponse(
             200,

@@ -11,11 +11,18 @@ way and each made safe to repeat:
 - ``send_receipt``: an HMAC-signed webhook, keyed the same way;
 - ``write_audit``: the audit record, written atomically and idempotently (`nodekit.files`).
 
+When a later step fails for good (the receipt service refuses the order), the order is undone:
+the flow's compensations run in reverse — ``refund_payment`` (an HTTP POST with a stable
+``Idempotency-Key``: the compensation's own key, the same on every resume) and
+``release_stock`` (a SQL write, exactly once like the reservation) — and the run's journal
+records that the order was compensated, so running it again refunds nothing twice.
+
 Both API calls go through one circuit breaker and one rate limit (``payments-api``), kept in
 the journal's store when it is SQLite, Redis or PostgreSQL, so every process running orders
 shares them: the limit spaces the calls, the breaker stops calling an API that is down. A
-receipt that cannot be sent (the API refused it, or the breaker is open) is queued in
-``outbox/`` for later — a recorded fallback; a charge never falls back (its failure must show).
+receipt that cannot be sent now (the API is down, or the breaker is open) is queued in
+``outbox/`` for later — a recorded fallback; a receipt the API refuses for good (a 4xx) is not
+queued: the order fails and is compensated. A charge never falls back (its failure must show).
 ``--outage N`` makes the local API answer 503 to the N requests after the first charge.
 
 Every run has a run id (``checkout:<order id>``) and a durable journal (SQLite by default), so
@@ -25,6 +32,7 @@ the rest. Sync mode runs orders one after the other; async mode runs them concur
     python -m recipes.checkout --orders 50 --faults 0.2 --mode async
     python -m recipes.checkout --demo          # what `make demo` runs
     python -m recipes.checkout --demo --outage 9    # the breaker opens, a receipt is queued
+    python -m recipes.checkout --refuse-receipt o-0003   # that order is refunded, stock released
 """
 
 from __future__ import annotations
@@ -97,6 +105,11 @@ class OutOfStock(Exception):
     """Not enough stock: a business error, never retried."""
 
 
+# The demo's tour declines one order for good: the receipt service refuses it (the 7th order),
+# so its charge is refunded and its stock released.
+DEMO_REFUSED = 7
+
+
 def make_orders(count: int, *, prefix: str = "o") -> list[Order]:
     """A deterministic batch of orders over three SKUs."""
     skus = ("sku-red", "sku-green", "sku-blue")
@@ -149,6 +162,12 @@ def reserve_stock(order_id: str, sku: str, qty: int, *, db: Any = nk.resource())
     return {"remaining_stock": int(row[0])}
 
 
+@sql.transactional(name="release_stock", key=lambda order_id: order_id, retry=RETRY)
+def release_stock(order_id: str, sku: str, qty: int, *, db: Any = nk.resource()) -> None:
+    """`reserve_stock`'s compensation: put the order's units back, exactly once per order."""
+    db.execute(_q(db, "UPDATE checkout_stock SET qty = qty + ? WHERE sku = ?"), (qty, sku))
+
+
 # ---------------------------------------------------------------------------- HTTP nodes
 
 
@@ -182,6 +201,26 @@ def send_receipt(
     body, headers = _signed({"order_id": order_id, "charge_id": charge_id})
     response = nkhttp.post(http, "/webhooks/receipts", content=body, headers=headers)
     return {"receipt": "replayed" if nkhttp.replayed(response) else "delivered"}
+
+
+@nk.node(name="refund_payment", retry=RETRY, timeout=HTTP_TIMEOUT)
+def refund_payment(
+    result: dict[str, str], order_id: str, *, http: httpx.Client = nk.resource()
+) -> None:
+    """`charge_payment`'s compensation: refund the charge once. `result` is the charge's
+    update; the ``Idempotency-Key`` is the compensation's own (run id and node), the same on
+    every retry and every resume, so the API refunds once."""
+    body = {"order_id": order_id, "charge_id": result["charge_id"]}
+    nkhttp.post(http, "/refunds", json=body)
+
+
+@nk.node(name="refund_payment", retry=RETRY, timeout=HTTP_TIMEOUT)
+async def arefund_payment(
+    result: dict[str, str], order_id: str, *, ahttp: httpx.AsyncClient = nk.resource()
+) -> None:
+    """The async twin of `refund_payment`."""
+    body = {"order_id": order_id, "charge_id": result["charge_id"]}
+    await nkhttp.apost(ahttp, "/refunds", json=body)
 
 
 @nk.node(name="charge_payment", retry=RETRY, timeout=HTTP_TIMEOUT, idempotency=_keyed)
@@ -219,12 +258,22 @@ def guards(store: Any = None) -> tuple[nk.CircuitBreaker, nk.RateLimit]:
     return breaker, nk.RateLimit("payments-api", RATE, burst=BURST, store=store)
 
 
+def refused(error: BaseException | None) -> bool:
+    """The API refused the request for good (a 4xx other than 408, 409, 425 or 429)."""
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    return isinstance(status, int) and 400 <= status < 500 and status not in (408, 409, 425, 429)
+
+
 def queue_receipt(
     error: Exception, order_id: str, charge_id: str, *, outbox: Path, **_: Any
 ) -> dict[str, str]:
-    """`send_receipt`'s fallback: the receipt was not sent (the API refused it, or the breaker
-    is open), so it goes to the outbox, to be sent later. nodekit calls it only when nothing
-    was delivered — never after an ambiguous error (a dropped connection, a timeout)."""
+    """`send_receipt`'s fallback: the receipt could not be sent now (the API is down, or the
+    breaker is open), so it goes to the outbox, to be sent later. nodekit calls it only when
+    nothing was delivered — never after an ambiguous error (a dropped connection, a timeout).
+    A receipt the API refused for good is not queued: the error stands, the order fails and
+    its compensations undo it."""
+    if refused(error):
+        raise error
     body = {"order_id": order_id, "charge_id": charge_id, "reason": type(error).__name__}
     files.put(outbox / f"{order_id}.json", json.dumps(body, sort_keys=True) + "\n")
     return {"receipt": "queued"}
@@ -234,6 +283,8 @@ async def aqueue_receipt(
     error: Exception, order_id: str, charge_id: str, *, outbox: Path, **_: Any
 ) -> dict[str, str]:
     """The async twin of `queue_receipt` (the file is written in a worker thread)."""
+    if refused(error):
+        raise error
     return await asyncio.to_thread(queue_receipt, error, order_id, charge_id, outbox=outbox)
 
 
@@ -252,10 +303,12 @@ def write_audit(state: Order, *, audit_dir: Path = nk.resource()) -> dict[str, s
 # ---------------------------------------------------------------------------- the flow
 
 
-def build_flow(mode: str, db_factory: Callable[[], Any], store: Any = None) -> nk.Flow:
+def build_flow(mode: str, db_factory: Callable[[], Any], store: Any = None) -> nk.Flow[Order]:
     """The checkout flow; async mode uses the async HTTP nodes (the SQL and file nodes are
     sync and run in worker threads, never blocking the loop). Both HTTP nodes go through
-    the `guards` kept in `store`; a receipt falls back to the outbox (`queue_receipt`)."""
+    the `guards` kept in `store`; a receipt falls back to the outbox (`queue_receipt`). The
+    stock and the charge are compensated (`release_stock`, `refund_payment`) when a later
+    step fails for good."""
     flow = nk.Flow("checkout", state=Order, resources={"db": db_factory}, lease=LEASE)
     breaker, limit = guards(store)
     charge: Any = acharge_payment if mode == "async" else charge_payment
@@ -266,8 +319,9 @@ def build_flow(mode: str, db_factory: Callable[[], Any], store: Any = None) -> n
         rate_limit=limit,
         fallback=aqueue_receipt if mode == "async" else queue_receipt,
     )
-    flow.add(reserve_stock)
-    flow.add(charge, after=[reserve_stock.name])
+    refund: Any = arefund_payment if mode == "async" else refund_payment
+    flow.add(reserve_stock, compensate=release_stock)
+    flow.add(charge, after=[reserve_stock.name], compensate=refund)
     flow.add(receipt, after=["charge_payment"])
     flow.add(write_audit, after=["send_receipt"])
     return flow
@@ -415,7 +469,17 @@ class Progress:
             if skipped:
                 self._line(event, f"replayed from the journal: {', '.join(skipped)}", routine=True)
         elif name == "flow.failed":
-            self._line(event, f"FAILED at {event.fields.get('failed')}: {event.error}")
+            undone = event.fields.get("compensated")
+            tail = f"; compensated: {', '.join(undone)}" if undone else ""
+            self._line(event, f"FAILED at {event.fields.get('failed')}: {event.error}{tail}")
+        elif name == "flow.compensating":
+            nodes = ", ".join(event.fields.get("nodes") or ())
+            self._line(event, f"{event.fields.get('failed')} failed for good: undoing {nodes}")
+        elif name == "node.compensated":
+            again = " (done before: replayed from the journal)" if event["replayed"] else ""
+            self._line(event, f"{event.node:<15} compensated{again}")
+        elif name == "node.compensation_failed":
+            self._line(event, f"{event.node:<15} NOT compensated: {event.error}")
         elif name.startswith(("circuit.", "rate_limit.")):
             with self.lock:
                 self.guarded[name] += 1
@@ -425,6 +489,8 @@ class Progress:
                 state = name.removeprefix("circuit.").replace("_", "-")
                 self._line(event, f"circuit {event.fields.get('circuit')} {state}")
         elif name == "node.fallback":
+            if refused(event.exc):  # not a fallback: `queue_receipt` lets the refusal stand
+                return
             with self.lock:
                 self.fallbacks[event.node or "?"] += 1
             self._line(event, f"{event.node:<15} fell back after {_reason(event)}")
@@ -481,7 +547,12 @@ def _summary(
     console: Console | None = None,
 ) -> None:
     ok = sum(1 for value in outcomes.values() if isinstance(value, Order))
-    print(f"\n  {ok} of {len(outcomes)} orders completed in {elapsed:.2f} s", file=out)
+    undone = sum(1 for value in outcomes.values() if _compensated(value))
+    print(
+        f"\n  {ok} of {len(outcomes)} orders completed in {elapsed:.2f} s"
+        + (f", {undone} compensated (charge refunded, stock released)" if undone else ""),
+        file=out,
+    )
     snapshot = metrics.snapshot()
     if console is not None:
         if snapshot:
@@ -523,9 +594,31 @@ def _summary(
             f" ({'no order charged twice' if not twice else f'CHARGED TWICE: {twice}'})",
             file=out,
         )
+        refunds = Counter(
+            entry.data.get("order_id")
+            for entry in api.ledger.find(route="POST /refunds", effect=True)
+        )
+        if refunds:
+            again = [order for order, count in refunds.items() if count > 1]
+            print(
+                f"  refunds in the API's ledger: {sum(refunds.values())} for "
+                f"{', '.join(sorted(map(str, refunds)))}"
+                f" ({'no order refunded twice' if not again else f'REFUNDED TWICE: {again}'})",
+                file=out,
+            )
     failures = {order: value for order, value in outcomes.items() if not isinstance(value, Order)}
     for order, error in sorted(failures.items())[:5]:
         print(f"  {order}: {error}", file=out)
+
+
+def _compensated(value: Any) -> bool:
+    """An order that failed for good and was undone completely (refunded, stock released)."""
+    return isinstance(value, nk.FlowError) and bool(value.compensated) and not value.not_compensated
+
+
+def _settled(value: Any) -> bool:
+    """An order completed, or declined and compensated: nothing left to do for it."""
+    return isinstance(value, Order) or _compensated(value)
 
 
 def _guard_summary(out: TextIO, progress: Progress) -> None:
@@ -597,7 +690,8 @@ def _run_pass(
 def main(
     argv: Sequence[str] | None = None, *, out: TextIO = sys.stdout, console: Console | None = None
 ) -> int:
-    """Run the command line; exit code 0 when every order completed, else 1.
+    """Run the command line; exit code 0 when every order completed or was compensated (a
+    declined order, refunded and its stock released), else 1.
 
     Progress goes to `out` as plain lines, or, when `out` is a terminal and rich is installed,
     as a live view drawn on `console` (by default one writing to `out`; tests pass their own).
@@ -646,6 +740,12 @@ def main(
         "opens, receipts are queued); with --demo the second pass runs once it half-opens",
     )
     cli.add_argument(
+        "--refuse-receipt",
+        metavar="ORDER",
+        help="local API only: refuse that order's receipt for good (403), so the order is "
+        "compensated: its charge refunded, its stock released (--demo: the 7th order)",
+    )
+    cli.add_argument(
         "--demo",
         action="store_true",
         help="the newcomer's tour: faults on, a fresh --data-dir/demo, then the same orders again",
@@ -664,6 +764,8 @@ def main(
         nk.open_store(args.journal) if args.journal else nk.SQLiteStore(root / "journal.sqlite")
     )
     orders = make_orders(args.orders, prefix=args.prefix)
+    if args.demo and args.outage <= 0 and not args.refuse_receipt and len(orders) >= DEMO_REFUSED:
+        args.refuse_receipt = orders[DEMO_REFUSED - 1].order_id
     with contextlib.closing(connect(args.db_url, root / "checkout.sqlite")) as db:
         prepare_database(db, sorted({order.sku for order in orders}), args.stock)
     try:
@@ -677,6 +779,8 @@ def main(
         ) as (api_url, api):
             if api is not None and args.outage > 0:
                 api.outage(args.outage, after_charges=1)
+            if api is not None and args.refuse_receipt:
+                api.refuse_receipts(args.refuse_receipt)
             where = "a local API" if api is not None else api_url
             faults = (
                 f", failing {args.faults:.0%} of requests"
@@ -700,7 +804,7 @@ def main(
                 title = (
                     "second pass: the same run ids again, so every effect is replayed, not repeated"
                 )
-                if not all(isinstance(value, Order) for value in outcomes.values()):
+                if not all(_settled(value) for value in outcomes.values()):
                     pause = _until_half_open(journal)
                     print(f"\n  (waiting {pause:.1f} s for the circuit to half-open)", file=out)
                     time.sleep(pause)
@@ -720,7 +824,7 @@ def main(
                 )
     finally:
         journal.close()
-    return 0 if all(isinstance(value, Order) for value in outcomes.values()) else 1
+    return 0 if all(_settled(value) for value in outcomes.values()) else 1
 
 
 def _until_half_open(journal: Any) -> float:

@@ -75,9 +75,14 @@ def test_a_store_without_statistics_says_so(capsys: pytest.CaptureFixture[str]) 
     assert "does not report statistics" in capsys.readouterr().err
 
 
-def test_an_unknown_url_scheme_is_a_config_error_naming_the_schemes() -> None:
-    with pytest.raises(nk.ConfigError, match="memory://"):
-        main(["store", "stats", "ftp://nowhere"])
+def test_an_unknown_url_scheme_is_a_one_line_error_naming_the_schemes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["store", "stats", "ftp://nowhere"]) == 2
+    err = capsys.readouterr().err
+    assert "memory://" in err
+    assert "sqlite:///path" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_the_console_script_and_python_m_run_the_same_command() -> None:

@@ -3,12 +3,14 @@
 import nodekit as nk
 
 EXPECTED = [
+    "Batch",
     "Bulkhead",
     "BulkheadFull",
     "CircuitBreaker",
     "CircuitOpen",
     "ConfigError",
     "ContextFilter",
+    "END",
     "Effect",
     "Event",
     "Flow",

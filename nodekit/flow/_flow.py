@@ -7,34 +7,37 @@ state `_run`'s, driving it `_scheduler`'s and journaling a durable run `_journal
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import contextvars
 import typing
-from collections import deque
-from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping
+from collections.abc import AsyncGenerator, Callable, Generator, Mapping
+from concurrent.futures import Executor
 from datetime import timedelta
-from typing import Any, Literal, ParamSpec, TypeVar, overload
+from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
 
 from .. import _events
 from .._context import new_run_id
 from .._errors import ConfigError
+from .._executors import check_executor
 from .._node import Node, NodeSpec
 from .._policies import Seconds, seconds
+from ._compensate import check_compensations, compile_compensations, make_undo
 from ._graph import Entry, Plan, as_node, compile_plan, resolve_binds
+from ._routes import Route, check_routes, compile_routes, declare
 from ._scheduler import drive_flow_async, drive_flow_sync
 from ._schema import Schema
+from ._stream import Mode, check_mode, stream_async, stream_sync
+from ._subflow import subflow_node
 
 __all__ = ["Flow"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
+S = TypeVar("S")  # the state: a dict, a TypedDict or a pydantic model
 
 _ON_ERROR = ("cancel", "finish")
 _DEFAULT_TTL = timedelta(days=7)
 
 
-class Flow:
+class Flow(Generic[S]):
     """Nodes with dependencies over a shared state, run in sync or async mode.
 
     ``Flow(name, state=None)``: `state` is None (a plain dict), a `TypedDict` or a pydantic
@@ -47,10 +50,50 @@ class Flow:
     ``fn(old, update) -> new``. Durable runs: `lease` is how long a crashed run's node blocks a
     resume (renewed while the node runs; default: the node's time budget, else 60 s), `ttl`
     how long the journal is kept (default 7 days); `strict=True` refuses to resume from a
-    journal older than a node's TTL instead of warning.
+    journal older than a node's TTL instead of warning. `executor` (any
+    `concurrent.futures.Executor`, e.g. a Dask client's ``get_executor()``): `arun` and
+    `astream` run the sync nodes on it instead of in threads (a node taking a resource still
+    runs here; `run` and durable runs do not use it).
+
+    Typed: ``Flow("checkout", OrderState)`` is a ``Flow[OrderState]`` (``Flow("x")`` a
+    ``Flow[dict[str, Any]]``), and `run`/`arun` return an ``OrderState``.
     """
 
+    @overload
     def __init__(
+        self: Flow[dict[str, Any]],
+        name: str,
+        state: None = None,
+        *,
+        max_concurrency: int | None = None,
+        on_error: Literal["cancel", "finish"] = "cancel",
+        resources: Mapping[str, Callable[[], Any]] | None = None,
+        reducers: Mapping[str, Callable[[Any, Any], Any]] | None = None,
+        lease: Seconds | None = None,
+        ttl: Seconds = _DEFAULT_TTL,
+        strict: bool = False,
+        max_steps: int | None = None,
+        executor: Executor | None = None,
+    ) -> None: ...
+
+    @overload
+    def __init__(
+        self,
+        name: str,
+        state: type[S],
+        *,
+        max_concurrency: int | None = None,
+        on_error: Literal["cancel", "finish"] = "cancel",
+        resources: Mapping[str, Callable[[], Any]] | None = None,
+        reducers: Mapping[str, Callable[[Any, Any], Any]] | None = None,
+        lease: Seconds | None = None,
+        ttl: Seconds = _DEFAULT_TTL,
+        strict: bool = False,
+        max_steps: int | None = None,
+        executor: Executor | None = None,
+    ) -> None: ...
+
+    def __init__(  # a new option goes in the two overloads above too (typed callers see them)
         self,
         name: str,
         state: Any = None,
@@ -62,6 +105,8 @@ class Flow:
         lease: Seconds | None = None,
         ttl: Seconds = _DEFAULT_TTL,
         strict: bool = False,
+        max_steps: int | None = None,
+        executor: Executor | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigError(f"flow name must be a non-empty string, got {name!r}", option="name")
@@ -77,9 +122,14 @@ class Flow:
         assert ttl_s is not None
         self.ttl = ttl_s
         self.strict = bool(strict)
+        self.max_steps = _check_max_steps(name, max_steps)
+        self.executor = (
+            None if executor is None else check_executor(executor, None, where=f"flow {name!r}")
+        )
         self._entries: dict[str, Entry] = {}
         self._names: dict[int, str] = {}
         self._plan: Plan | None = None
+        self._routes: list[Route] = []
 
     def __repr__(self) -> str:
         return f"Flow({self.name!r}, nodes={list(self._entries)})"
@@ -91,6 +141,20 @@ class Flow:
 
     # ------------------------------------------------------------------ building
 
+    @overload
+    def add(
+        self,
+        node: Flow[Any],
+        /,
+        *,
+        after: Any = (),
+        output: str | None = None,
+        name: str | None = None,
+        version: str | int | None = None,
+        compensate: Callable[..., Any] | None = None,
+    ) -> Node[..., Any]: ...
+
+    @overload
     def add(
         self,
         node: Callable[P, R],
@@ -100,15 +164,40 @@ class Flow:
         output: str | None = None,
         name: str | None = None,
         version: str | int | None = None,
-    ) -> Node[P, R]:
+        compensate: Callable[..., Any] | None = None,
+    ) -> Node[P, R]: ...
+
+    def add(
+        self,
+        node: Any,
+        /,
+        *,
+        after: Any = (),
+        output: str | None = None,
+        name: str | None = None,
+        version: str | int | None = None,
+        compensate: Callable[..., Any] | None = None,
+    ) -> Any:
         """Add a node (or a plain function, wrapped with `nk.node` defaults); returns the node.
 
         `after` lists the nodes this one runs after (node objects or names; a single one
         needs no list). `output` stores the node's return value under that state field.
         `name` defaults to the node's explicit name, else the function's ``__name__``; it is
         what `after`, events and the journal use. Bumping `version` makes a durable resume
-        run the node again instead of replaying it.
+        run the node again instead of replaying it. `compensate` undoes the node when a later
+        node's error ends the run: ``undo(result, ...)`` binds its parameters like a node,
+        plus `result`, what the node contributed (see ``nodekit.flow._compensate``).
+
+        A `Flow` added as `node` is a subflow: it runs whole, as one node (see
+        ``nodekit.flow._subflow``); `name` defaults to its flow name.
         """
+        if isinstance(node, Flow):  # a subflow: the whole inner flow runs as one node
+            if node is self:
+                raise ConfigError(
+                    f"flow {self.name!r}: a flow cannot run itself as a subflow", option="node"
+                )
+            fields = None if self._schema.extra else self._schema.fields
+            node = subflow_node(node, name, output, fields)
         spec = getattr(node, "spec", None)
         if isinstance(spec, NodeSpec) and callable(node):
             call: Any = node
@@ -132,15 +221,16 @@ class Flow:
                 option="name",
             )
         self._check_options(step_name, output, version)
+        undo = make_undo(self.name, step_name, compensate)
         deps = self._dependencies(step_name, after)
         self._entries[step_name] = Entry(
-            step_name, call, spec, deps, output, version, len(self._entries)
+            step_name, call, spec, deps, output, version, len(self._entries), undo
         )
         self._names[id(call)] = step_name
         self._names.setdefault(id(node), step_name)
         self._names.setdefault(id(spec.fn), step_name)
         self._plan = None
-        return typing.cast(Node[P, R], call)
+        return call
 
     def _check_options(self, step_name: str, output: str | None, version: Any) -> None:
         """`output` and `version` as `add` accepts them, else a `ConfigError`."""
@@ -209,6 +299,7 @@ class Flow:
         output: str | None = ...,
         name: str | None = ...,
         version: str | int | None = ...,
+        compensate: Callable[..., Any] | None = ...,
         **options: Any,
     ) -> Callable[[Callable[P, R]], Node[P, R]]: ...
 
@@ -221,6 +312,7 @@ class Flow:
         output: str | None = None,
         name: str | None = None,
         version: str | int | None = None,
+        compensate: Callable[..., Any] | None = None,
         **options: Any,
     ) -> Any:
         """Decorator form of `add`: ``@flow.node`` or ``@flow.node(after=..., output=...)``.
@@ -236,16 +328,55 @@ class Flow:
                     made = typing.cast(Any, target).options(**options)
                 else:
                     made = as_node(target, name, options)
-            return self.add(made, after=after, output=output, name=name, version=version)
+            return self.add(
+                made, after=after, output=output, name=name, version=version, compensate=compensate
+            )
 
         return decorate(fn) if fn is not None else decorate
+
+    def route(
+        self,
+        *,
+        after: Any,
+        to: Callable[[Any], Any],
+        targets: Any = None,
+        name: str | None = None,
+    ) -> None:
+        """After `after` completes, run the node(s) that ``to(state)`` returns, or none.
+
+        ``to`` (sync or async) receives the state as a node's ``state`` parameter does and
+        returns a node (or its name), a list of them, or `nk.END`. `targets` declares what
+        it may return: a list of nodes (`nk.END` included), or a mapping from what it
+        returns to nodes (LangGraph's ``path_map``); without `targets`, the names of a
+        ``Literal[...]`` return annotation. A target does not start with the run: it runs
+        each time a route picks it, and, with ``after=`` nodes, once they all completed
+        (the way into a loop). Loops go through routes only (an ``after=`` cycle stays a
+        `ConfigError`) and are bounded by ``Flow(max_steps=...)``. A durable run journals
+        each decision: a resume takes the same path. Unknown nodes or targets are a
+        `ConfigError` when the flow is checked; a returned node outside `targets` fails
+        the run with a `FlowError` naming the route. `name` (default: the function's name)
+        tells two routes after one node apart.
+        """
+        route = declare(self.name, self._names, self._routes, after, to, targets, name)
+        self._routes.append(route)
+        self._plan = None
 
     # ------------------------------------------------------------------ compiling
 
     def _compile(self) -> Plan:
         plan = self._plan
         if plan is None:
-            plan = self._plan = compile_plan(self, list(self._entries.values()))
+            routes = self._routes
+            edges = check_routes(self.name, routes, self._entries) if routes else ()
+            plan = compile_plan(self, list(self._entries.values()), edges)
+            plan.subflows = any(
+                getattr(entry.call, "subflow", None) is not None for entry in self._entries.values()
+            )
+            if routes:
+                plan.routes = compile_routes(self.name, plan, routes, self._names, self.max_steps)
+                plan.routes.subflows = plan.subflows
+            compile_compensations(self, plan, self._entries)
+            self._plan = plan
         return plan
 
     def check(self, state: Any = None) -> None:
@@ -259,10 +390,17 @@ class Flow:
         plan = self._compile()
         values = {} if state is None else self._schema.initial(state)[0]
         resolve_binds(self, plan, values)
+        check_compensations(self, plan, values)
 
     # ------------------------------------------------------------------ sync mode
 
-    def run(self, state: Any = None, *, run_id: str | None = None, store: Any = None) -> Any:
+    def run(
+        self,
+        state: S | Mapping[str, Any] | None = None,
+        *,
+        run_id: str | None = None,
+        store: Any = None,
+    ) -> S:
         """Run the flow in the calling thread, in dependency order; returns the final state.
 
         Async nodes run on a private event loop (in a helper thread if this thread already
@@ -275,46 +413,63 @@ class Flow:
             while True:
                 next(steps)
         except StopIteration as done:
-            return done.value
+            final: S = done.value
+            return final
+
+    @overload
+    def stream(
+        self,
+        state: S | Mapping[str, Any] | None = ...,
+        *,
+        mode: Literal["events"] = ...,
+        run_id: str | None = ...,
+        store: Any = ...,
+    ) -> Generator[_events.Event, None, None]: ...
+
+    @overload
+    def stream(
+        self,
+        state: S | Mapping[str, Any] | None = ...,
+        *,
+        mode: Literal["updates"],
+        run_id: str | None = ...,
+        store: Any = ...,
+    ) -> Generator[dict[str, dict[str, Any]], None, None]: ...
+
+    @overload
+    def stream(
+        self,
+        state: S | Mapping[str, Any] | None = ...,
+        *,
+        mode: Literal["values"],
+        run_id: str | None = ...,
+        store: Any = ...,
+    ) -> Generator[S, None, None]: ...
 
     def stream(
-        self, state: Any = None, *, run_id: str | None = None, store: Any = None
-    ) -> Iterator[_events.Event]:
-        """Run the flow as `run` does, node by node as it is iterated, yielding its events.
+        self,
+        state: S | Mapping[str, Any] | None = None,
+        *,
+        mode: Mode = "events",
+        run_id: str | None = None,
+        store: Any = None,
+    ) -> Generator[Any, None, None]:
+        """Run the flow as `run` does, yielding as it goes what `mode` asks for.
 
-        The events are the run's own (`flow.*`, `node.*`, `idempotency.*` with this run's
-        id), the same objects every sink receives. The last is ``flow.finished`` (its
-        ``state`` field holds the final state) or ``flow.failed``, after which the
-        `FlowError` is raised. Closing the iterator early abandons the run (a durable run can
-        be resumed).
+        ``"events"`` (default): the run's own events (`flow.*`, `node.*`, `idempotency.*` and
+        the nodes' ``node.progress`` with this run's id), the same objects every sink
+        receives, as they happen; the last is ``flow.finished`` (its ``state`` field holds the
+        final state) or ``flow.failed``. ``"updates"``: ``{node: update}`` for each node that
+        completed (replayed ones of a resumed run too; ``{}`` when it changed nothing).
+        ``"values"``: a copy of the whole state after each node, the final state last. A
+        failed run raises its `FlowError` at the end in every mode. The flow runs in a worker
+        thread (in a copy of this context), one node per request for more: closing the
+        stream early starts no other node, waits for the one in progress and abandons the
+        run (a durable run can be resumed).
         """
+        check_mode(self.name, mode)
         rid = run_id or new_run_id()
-        buffer: deque[_events.Event] = deque()
-
-        def sink(event: _events.Event) -> None:
-            if event.run_id == rid:
-                buffer.append(event)
-
-        context = contextvars.copy_context()
-        remove = _events.add_sink(sink)
-        steps = context.run(self._steps, state, rid, store)
-        try:
-            while True:
-                try:
-                    context.run(next, steps)
-                except StopIteration:
-                    break
-                except BaseException:
-                    while buffer:
-                        yield buffer.popleft()
-                    raise
-                while buffer:
-                    yield buffer.popleft()
-            while buffer:
-                yield buffer.popleft()
-        finally:
-            remove()
-            context.run(steps.close)
+        return stream_sync(lambda: self._steps(state, rid, store), rid, mode)
 
     def _steps(self, state: Any, run_id: str | None, store: Any) -> Generator[None, None, Any]:
         """The sync driver: a generator that runs one node per step, returning the state."""
@@ -323,7 +478,13 @@ class Flow:
 
     # ------------------------------------------------------------------ async mode
 
-    async def arun(self, state: Any = None, *, run_id: str | None = None, store: Any = None) -> Any:
+    async def arun(
+        self,
+        state: S | Mapping[str, Any] | None = None,
+        *,
+        run_id: str | None = None,
+        store: Any = None,
+    ) -> S:
         """Run the flow on the running event loop; returns the final state.
 
         Independent nodes run concurrently (at most `max_concurrency`), async nodes as tasks,
@@ -331,38 +492,71 @@ class Flow:
         `run_id` and `store` as for `run`. Raises `FlowError` if a node fails; running
         siblings are cancelled or finish as `on_error` says.
         """
-        return await drive_flow_async(self, self._compile(), state, run_id, store)
+        if store is not None and self.executor is not None:
+            raise ConfigError(
+                f"flow {self.name!r}: a durable run (store=) does not run its nodes on an "
+                "executor; run it without store=, or build the flow without executor=",
+                option="executor",
+            )
+        final: S = await drive_flow_async(self, self._compile(), state, run_id, store)
+        return final
 
-    async def astream(
-        self, state: Any = None, *, run_id: str | None = None, store: Any = None
-    ) -> AsyncIterator[_events.Event]:
-        """Run the flow as `arun` does and yield its events as they happen (see `stream`)."""
+    @overload
+    def astream(
+        self,
+        state: S | Mapping[str, Any] | None = ...,
+        *,
+        mode: Literal["events"] = ...,
+        run_id: str | None = ...,
+        store: Any = ...,
+    ) -> AsyncGenerator[_events.Event, None]: ...
+
+    @overload
+    def astream(
+        self,
+        state: S | Mapping[str, Any] | None = ...,
+        *,
+        mode: Literal["updates"],
+        run_id: str | None = ...,
+        store: Any = ...,
+    ) -> AsyncGenerator[dict[str, dict[str, Any]], None]: ...
+
+    @overload
+    def astream(
+        self,
+        state: S | Mapping[str, Any] | None = ...,
+        *,
+        mode: Literal["values"],
+        run_id: str | None = ...,
+        store: Any = ...,
+    ) -> AsyncGenerator[S, None]: ...
+
+    def astream(
+        self,
+        state: S | Mapping[str, Any] | None = None,
+        *,
+        mode: Mode = "events",
+        run_id: str | None = None,
+        store: Any = None,
+    ) -> AsyncGenerator[Any, None]:
+        """Run the flow as `arun` does and yield what `mode` asks for as it happens (see
+        `stream`); closing it early cancels the run."""
+        check_mode(self.name, mode)
         rid = run_id or new_run_id()
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        end = object()
+        return stream_async(lambda: self.arun(state, run_id=rid, store=store), rid, mode)
 
-        def sink(event: _events.Event) -> None:
-            if event.run_id == rid:
-                # events come from worker threads too: hand them to the loop in order
-                loop.call_soon_threadsafe(queue.put_nowait, event)
 
-        remove = _events.add_sink(sink)
-        task = loop.create_task(self.arun(state, run_id=rid, store=store))
-        task.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, end))
-        try:
-            while True:
-                item = await queue.get()
-                if item is end:
-                    break
-                yield item
-            await task
-        finally:
-            remove()
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(BaseException):  # the consumer stopped listening
-                    await task
+def _check_max_steps(name: str, max_steps: Any) -> int | None:
+    """`max_steps` as `Flow` accepts it (a positive int, or None: the default), else a
+    `ConfigError`."""
+    if max_steps is not None and (
+        isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1
+    ):
+        raise ConfigError(
+            f"flow {name!r}: max_steps must be a positive int or None, got {max_steps!r}",
+            option="max_steps",
+        )
+    return max_steps
 
 
 def _check_concurrency(name: str, max_concurrency: Any, on_error: Any) -> None:

@@ -11,7 +11,7 @@ binds, calls, merges and moves on; events are built only when someone listens.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Protocol
 
 from .._errors import ConfigError
@@ -48,7 +48,7 @@ class FlowOptions(Protocol):
 class Entry:
     """A node as added to the flow (before the flow is compiled)."""
 
-    __slots__ = ("after", "call", "decl", "name", "output", "spec", "version")
+    __slots__ = ("after", "call", "compensate", "decl", "name", "output", "spec", "version")
 
     def __init__(
         self,
@@ -59,6 +59,7 @@ class Entry:
         output: str | None,
         version: str | int | None,
         decl: int,
+        compensate: Any = None,
     ) -> None:
         self.name = name
         self.call = call
@@ -67,6 +68,8 @@ class Entry:
         self.output = output
         self.version = version
         self.decl = decl
+        # the node's compensation (`nk.node`-wrapped), compiled by `_compensate`
+        self.compensate = compensate
 
 
 class Step:
@@ -77,6 +80,7 @@ class Step:
         "binds",
         "call",
         "candidates",
+        "compensate",
         "dependants",
         "deps",
         "index",
@@ -118,13 +122,15 @@ class Step:
         self.undeclared_upstream = False
         self.lease = 60.0
         self.ttl: float | None = None
+        # its compensation (`_compensate.Undo`), None for most: read only when a run fails
+        self.compensate: Any = None
 
     def __repr__(self) -> str:
         return f"<flow step {self.name!r} #{self.index}>"
 
 
 class Plan:
-    __slots__ = ("journal", "order", "outputs", "static")
+    __slots__ = ("compensable", "journal", "order", "outputs", "routes", "static", "subflows")
 
     def __init__(self, order: list[Step], outputs: frozenset[str]) -> None:
         self.order = order
@@ -133,18 +139,35 @@ class Plan:
         self.journal: tuple[str, list[str]] | None = None
         # nothing to resolve per run: no parameter depends on the input or on nk.use()
         self.static = all(not step.candidates and not step.needs for step in order)
+        # some node has a compensation (`_compensate.compile_compensations` sets it)
+        self.compensable = False
+        # the routes (`_routes.Routing`), None without: a plain flow keeps its plain drivers
+        self.routes: Any = None
+        # some node is a subflow: a run makes its store and id known to it (`_run.SCOPE`)
+        self.subflows = False
 
 
 # ---------------------------------------------------------------------------- compiling
 
 
-def compile_plan(flow: FlowOptions, entries: list[Entry]) -> Plan:
-    """The plan of a flow's nodes (in declaration order); raises `ConfigError`."""
+def compile_plan(
+    flow: FlowOptions, entries: list[Entry], routes: Sequence[tuple[str, str]] = ()
+) -> Plan:
+    """The plan of a flow's nodes (in declaration order); raises `ConfigError`.
+
+    `routes` are the (node, target) edges of the flow's routes (checked by `_routes`): a
+    target runs after its route's node, which orders them like ``after=`` does.
+    """
     deps = _dependency_indices(flow.name, entries)
     order, dependants = _canonical_order(flow.name, entries, deps)
     steps = _link(entries, order, deps, dependants)
+    exclusive: set[int] = set()
+    if routes:
+        _widen(steps, routes)
+        position = {step.name: step.index for step in steps}
+        exclusive = {position[target] for _, target in routes}
     outputs = frozenset(step.output for step in steps if step.output is not None)
-    check_writers(flow, steps)
+    check_writers(flow, steps, exclusive)
     for step in steps:
         bind_plan(flow, step, outputs)
         step.lease = flow.lease or default_lease(step.spec)
@@ -225,8 +248,33 @@ def _link(
     return steps
 
 
-def check_writers(flow: FlowOptions, steps: list[Step]) -> None:
-    """Two nodes that may run concurrently and declare one output without a reducer: refused."""
+def _widen(steps: list[Step], routes: Sequence[tuple[str, str]]) -> None:
+    """Ancestors through routes too (loops included): a route's target runs after its node."""
+    position = {step.name: step.index for step in steps}
+    preds = [set(step.deps) for step in steps]
+    for source, target in routes:
+        preds[position[target]].add(position[source])
+    changed = True
+    while changed:  # a fixpoint: routes may form cycles
+        changed = False
+        for step in steps:
+            mask = step.ancestors
+            for pos in preds[step.index]:
+                mask |= steps[pos].ancestors | (1 << pos)
+            if mask != step.ancestors:
+                step.ancestors = mask
+                changed = True
+    for step in steps:
+        if any((step.ancestors >> other.index) & 1 and other.open_writes for other in steps):
+            step.undeclared_upstream = True
+
+
+def check_writers(flow: FlowOptions, steps: list[Step], exclusive: Collection[int] = ()) -> None:
+    """Two nodes that may run concurrently and declare one output without a reducer: refused.
+
+    Two route targets (`exclusive`) are usually alternatives (one route picks one of them):
+    their writes are checked when they run instead (`Run.merge`).
+    """
     by_field: dict[str, list[Step]] = {}
     for step in steps:
         if step.output is not None and step.output not in flow._schema.reducers:
@@ -235,6 +283,8 @@ def check_writers(flow: FlowOptions, steps: list[Step]) -> None:
         for i, first in enumerate(writers):
             for second in writers[i + 1 :]:
                 if not (second.ancestors >> first.index) & 1:
+                    if first.index in exclusive and second.index in exclusive:
+                        continue
                     raise ConfigError(
                         f"flow {flow.name!r}: nodes {first.name!r} and {second.name!r} may "
                         f"run concurrently and both write field {field!r}: order them with "

@@ -32,6 +32,7 @@ from ..idempotency._policy import NodekitWarning
 from ..idempotency._store import Acquisition, Record, RecordKey
 from ._graph import FlowOptions, Step
 from ._run import REPLAYED, UPDATED, Run, in_worker, replay_update
+from ._runlog import start as start_runlog
 from ._schema import Problem
 
 _HEADER_LEASE = 2.0
@@ -55,6 +56,7 @@ class Journal:
         "header_key",
         "header_text",
         "keys",
+        "log",
         "owned",
         "run",
         "store",
@@ -89,6 +91,8 @@ class Journal:
                 [step.name, step.version, sorted(run.plan.order[d].name for d in step.deps)]
                 for step in sorted(run.plan.order, key=lambda s: s.name)
             ]
+            if run.plan.routes is not None:  # a routed flow: its routes are its shape too
+                graph.append(["routes", run.plan.routes.fingerprint])
             run.plan.journal = (
                 digest(canonical_json(graph)),
                 [
@@ -115,6 +119,17 @@ class Journal:
             )
             for step in run.plan.order
         ]
+        # the run log (`_runlog.py`): what `nodekit runs` lists and shows
+        self.log = start_runlog(
+            store,
+            flow.name,
+            run_id,
+            [
+                (step.name, key.namespace)
+                for step, (key, _) in zip(run.plan.order, self.keys, strict=True)
+            ],
+            max((step.lease for step in run.plan.order), default=60.0),
+        )
 
     # ------------------------------------------------------------------ decisions
 
@@ -147,12 +162,21 @@ class Journal:
     def _doubt(self, message: str) -> None:
         """A journal that may no longer be trusted: refused (`strict=True`) or a warning."""
         if self.flow.strict:
-            raise Problem(message)
+            raise _journal_problem(message)
         # stacklevel: past _doubt and the check that called it, to the step being run
         warnings.warn(message, NodekitWarning, stacklevel=3)
 
-    def _lost(self, step: Step) -> Problem:
+    def entry(self, step: Step, call: int) -> tuple[RecordKey, str]:
+        """The key and fingerprint of a node's `call`-th execution in this run (a node runs
+        more than once only in a loop through routes)."""
+        if call == 0:
+            return self.keys[step.index]
         key = self.keys[step.index][0]
+        digest_ = digest(canonical_json([self.run.run_id, step.name, call]))
+        return RecordKey(key.namespace, key.scope, digest_), self.keys[step.index][1]
+
+    def _lost(self, step: Step, key: RecordKey | None = None) -> Problem:
+        key = key or self.keys[step.index][0]
         return Problem(
             f"it lost its journal lease (entry {key.short}) to another run before it finished; "
             "its update was not journaled",
@@ -177,21 +201,27 @@ class Journal:
     def open_sync(self) -> None:
         """Write the run's header, or check it against this run's (a resume)."""
         try:
+            if self.log is not None and not self.log.open():
+                raise self.log.refusal()
             drive_sync(_Header(self))
         except Problem as problem:
             raise self.run.fail(None, problem)  # noqa: B904 - fail() sets the cause
 
     async def open_async(self) -> None:
         try:
+            if self.log is not None and not await self.log.aopen():
+                raise self.log.refusal()
             await drive_async(_Header(self))
         except Problem as problem:
             raise self.run.fail(None, problem)  # noqa: B904 - fail() sets the cause
 
-    def step_sync(self, step: Step) -> None:
+    def step_sync(self, step: Step, call: int = 0) -> None:
         """Replay a journaled node, or run it holding its entry and journal its update."""
-        run = self.run
+        run, log = self.run, self.log
         try:
-            kind, payload, duration = drive_sync(_NodeEntry(self, step, asynchronous=False))
+            if log is not None and log.cancelled:
+                raise log.refusal(running=True)
+            kind, payload, duration = drive_sync(_NodeEntry(self, step, call, asynchronous=False))
             if kind == REPLAYED:
                 replay_update(run, step, payload)
                 return
@@ -199,17 +229,28 @@ class Journal:
             raise run.fail(step.name, exc)  # noqa: B904 - fail() sets the cause
         update, merged = payload
         run.install(step, update, merged, duration)
+        if log is not None and log.due():
+            log.flush()
 
-    async def step_async(self, step: Step) -> tuple[int, Any, float]:
+    async def step_async(self, step: Step, call: int = 0) -> tuple[int, Any, float]:
         """The async twin: returns what the scheduler applies (`REPLAYED` or `UPDATED`)."""
-        kind, payload, duration = await drive_async(_NodeEntry(self, step, asynchronous=True))
+        log = self.log
+        if log is not None and log.cancelled:
+            raise log.refusal(running=True)
+        kind, payload, duration = await drive_async(_NodeEntry(self, step, call, asynchronous=True))
+        if log is not None and log.due():
+            await log.aflush()
         return kind, payload if kind == REPLAYED else payload[0], duration
 
     def close_sync(self) -> None:
+        if self.log is not None:
+            self.log.close()
         if self.owned:
             self.store.close()
 
     async def close_async(self) -> None:
+        if self.log is not None:
+            await self.log.aclose()
         if self.owned:
             await self.store.aclose()
 
@@ -265,13 +306,13 @@ class _Header(Holder):
 class _NodeEntry(Holder):
     """One node's journal entry: replayed if completed, else held while the node runs."""
 
-    def __init__(self, journal: Journal, step: Step, *, asynchronous: bool) -> None:
+    def __init__(self, journal: Journal, step: Step, call: int, *, asynchronous: bool) -> None:
         self.journal = journal
         self.step = step
         self.asynchronous = asynchronous
         self.record: Record | None = None
         self.t0 = 0.0
-        key, fingerprint = journal.keys[step.index]
+        key, fingerprint = journal.entry(step, call)
         self.claim = Claim(
             journal.store,
             key,
@@ -287,15 +328,14 @@ class _NodeEntry(Holder):
     def refused(self, reason: str, got: Acquisition) -> Any:
         journal, step, key = self.journal, self.step, self.claim.key
         if reason == MISMATCH:
-            raise Problem(
+            raise _journal_problem(
                 f"its journal entry {key.short} belongs to another node or version; the "
-                "journal diverges from the flow",
-                None,
+                "journal diverges from the flow"
             )
         record = got.record
         if reason == REPLAY:
             if record.result is None:
-                raise Problem(f"its journal entry {key.short} has no update", None)
+                raise _journal_problem(f"its journal entry {key.short} has no update")
             ttl = step.ttl
             if ttl is not None and time.time() - record.created_at > ttl:
                 journal._doubt(
@@ -372,7 +412,7 @@ class _NodeEntry(Holder):
         return UPDATED, (update, merged), time.perf_counter() - self.t0
 
     def lost(self, record: Record | None, result: Any) -> Any:
-        raise self.journal._lost(self.step)
+        raise self.journal._lost(self.step, self.claim.key)
 
     def store_error(self, op: str, exc: Exception) -> Exception:
         return _journal_store_error(self.journal, self.step, op, exc)
@@ -412,6 +452,14 @@ def _journal_store_error(
     )
     cause.__cause__ = exc
     return Problem(f"the journal store failed at {op} ({type(exc).__name__}); {after}", None, cause)
+
+
+def _journal_problem(message: str) -> Problem:
+    """A failure of the journal, not of the node: a run that ends on it is not compensated
+    (resume with the flow that wrote the journal)."""
+    problem = Problem(message)
+    problem.journal = True  # type: ignore[attr-defined]
+    return problem
 
 
 def _journaled_context(step: Step, record: Record) -> NodeContext:

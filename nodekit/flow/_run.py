@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import inspect
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from .._errors import ConfigError, FlowError
 from .._events import emit, observed, short_error
@@ -28,6 +29,22 @@ RESULT, UPDATED, REPLAYED = 0, 1, 2
 
 T = TypeVar("T")
 
+_NO_TAGS: dict[str, Any] = {}
+
+
+class Scope(NamedTuple):
+    """The run a subflow node runs in: its flow, id and journal store (None: not durable)."""
+
+    flow: str
+    run_id: str
+    store: Any
+
+
+# set by the driver of a plan with subflows, read by its subflow nodes (`_subflow`)
+SCOPE: contextvars.ContextVar[Scope | None] = contextvars.ContextVar(
+    "nodekit_flow_scope", default=None
+)
+
 
 class Run:
     """The state of one run and the decisions made on it (no I/O but the node calls)."""
@@ -39,15 +56,18 @@ class Run:
         "binds",
         "completed",
         "contrib",
+        "deferred",
         "dirty",
         "failed_emitted",
         "flow",
         "plan",
         "public",
         "resources",
+        "results",
         "run_id",
         "schema",
         "t0",
+        "tags",
         "values",
         "writers",
     )
@@ -73,8 +93,15 @@ class Run:
         self.dirty: set[str] = set()
         self.base: dict[str, Any] = {}
         self.failed_emitted = False
+        # a flow with compensations: what its compensable nodes contributed, by name (one
+        # per completion: a loop may run a node again), and the run's `FlowError` while its
+        # compensations run (`_compensate`)
+        self.results: dict[str, list[Any]] = {}
+        self.deferred: FlowError | None = None
         self._loop: ThreadLoop | None = None
         self.t0 = time.perf_counter()
+        # the fields every flow.* event of the run carries: a subflow's parent_run_id, ...
+        self.tags = _NO_TAGS
 
     # ------------------------------------------------------------------ start
 
@@ -144,6 +171,7 @@ class Run:
             None,
             self.run_id,
             flow=self.flow.name,
+            **self.tags,
             nodes=len(self.plan.order),
             mode="async" if self.asynchronous else "sync",
             durable=durable,
@@ -254,6 +282,10 @@ class Run:
                             self.dirty.add(key)
                         entries.append((index, update[key]))
         self.completed.append(step.name)
+        if step.compensate is not None:  # what its compensation receives as `result`
+            self.results.setdefault(step.name, []).append(
+                update[step.output] if update and step.output is not None else update
+            )
         if not replayed and not observed():
             return
         if replayed:
@@ -262,8 +294,11 @@ class Run:
                 step.name,
                 self.run_id,
                 flow=self.flow.name,
+                **self.tags,
                 reason="replayed",
                 updated=tuple(update or ()),
+                update=update,  # the values (and `state`) stay in process: see `_UNLOGGED`
+                state=self.public,
             )
         else:
             emit(
@@ -272,7 +307,10 @@ class Run:
                 self.run_id,
                 duration=duration,
                 flow=self.flow.name,
+                **self.tags,
                 updated=tuple(update or ()),
+                update=update,
+                state=self.public,
             )
 
     def commit(self, step: Step, result: Any, duration: float | None) -> None:
@@ -288,7 +326,7 @@ class Run:
 
     def node_started(self, step: Step) -> None:
         if observed():
-            emit("flow.node_started", step.name, self.run_id, flow=self.flow.name)
+            emit("flow.node_started", step.name, self.run_id, flow=self.flow.name, **self.tags)
 
     # ------------------------------------------------------------------ sync step
 
@@ -326,6 +364,7 @@ class Run:
             self.run_id,
             duration=time.perf_counter() - self.t0,
             flow=self.flow.name,
+            **self.tags,
             completed=tuple(self.completed),
             state=self.public,
         )
@@ -370,18 +409,29 @@ class Run:
         )
         if cause is not None:
             error.__cause__ = cause
+        if self.plan.compensable and node is not None and not getattr(exc, "journal", False):
+            # a node failed: its compensations run first, then `failed_event` (`_compensate`)
+            self.deferred = error
+            return error
+        self.failed_event(error)
+        return error
+
+    def failed_event(self, error: FlowError, **fields: Any) -> None:
+        """Emit ``flow.failed`` for the run's `FlowError`."""
         self.failed_emitted = True
+        cause = error.__cause__
         emit(
             "flow.failed",
-            node,
+            error.failed,
             self.run_id,
             exc=cause if cause is not None else error,
             flow=self.flow.name,
-            failed=node,
-            completed=tuple(self.completed),
+            **self.tags,
+            failed=error.failed,
+            completed=error.completed,
             duration=time.perf_counter() - self.t0,
+            **fields,
         )
-        return error
 
     def aborted(self, exc: BaseException) -> None:
         """Anything else ended the run (cancellation, KeyboardInterrupt, a closed stream)."""
@@ -394,6 +444,7 @@ class Run:
             self.run_id,
             exc=exc,
             flow=self.flow.name,
+            **self.tags,
             failed=None,
             completed=tuple(self.completed),
             duration=time.perf_counter() - self.t0,
@@ -405,15 +456,17 @@ def replay_update(run: Run, step: Step, update: Mapping[str, Any]) -> None:
     try:
         merged = run.merge(step, update) if update else None
     except Problem as problem:
-        raise Problem(
+        diverged = Problem(
             f"its journaled update no longer applies to this flow's state ({problem.message}); "
             "the journal diverges from the flow: resume with the flow that wrote it, or start "
             "a new run_id",
             problem.field,
             problem.cause,
-        ) from problem
+        )
+        diverged.journal = True  # type: ignore[attr-defined]  # not the node's failure
+        raise diverged from problem
     run.install(step, update or None, merged, None, replayed=True)
-    emit("node.replayed", step.name, run.run_id, flow=run.flow.name, source="journal")
+    emit("node.replayed", step.name, run.run_id, flow=run.flow.name, source="journal", **run.tags)
 
 
 # ---------------------------------------------------------------------------- resources

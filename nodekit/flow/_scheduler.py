@@ -13,18 +13,29 @@ import asyncio
 import heapq
 import time
 from collections import deque
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Mapping
 from typing import Any
 
 from .. import _context
 from .._context import new_run_id
+from .._executors import offloader
 from .._runtime import LOG_RUN, RUNTIME
-from ._graph import FlowOptions, Plan, Step
+from ._compensate import (
+    check_compensations,
+    resume_async,
+    resume_sync,
+    settle_async,
+    settle_sync,
+)
+from ._graph import RESOURCE, FlowOptions, Plan, Step
 from ._journal import Journal
+from ._routed import RoutedScheduler, walk_sync
 from ._run import (
     RESULT,
+    SCOPE,
     UPDATED,
     Run,
+    Scope,
     close_resources_async,
     close_resources_sync,
     in_worker,
@@ -33,21 +44,37 @@ from ._run import (
 
 
 def _begin(
-    flow: FlowOptions, plan: Plan, state: Any, run_id: str | None, store: Any, asynchronous: bool
-) -> tuple[Run, Journal | None, tuple[Any, Any, Any]]:
+    flow: FlowOptions,
+    plan: Plan,
+    state: Any,
+    run_id: str | None,
+    store: Any,
+    asynchronous: bool,
+    parent: Mapping[str, Any] | None = None,
+) -> tuple[Run, Journal | None, tuple[Any, ...]]:
     """A run's state, its journal (durable runs) and its run id bound for the nodes and logs
-    (and, when instrumented, the run's span made current: `_runtime.Tracer.start_flow`)."""
+    (and, when instrumented, the run's span made current: `_runtime.Tracer.start_flow`).
+    `parent`: the fields a subflow's events carry (`_subflow`)."""
     run = Run(flow, plan, run_id or new_run_id(), asynchronous=asynchronous)
+    if parent:
+        run.tags = dict(parent)
     run.start(state)
+    if plan.compensable:
+        check_compensations(flow, plan, run.values)
     journal = Journal(flow, run, store) if store is not None else None
     tracer = RUNTIME.tracer
     end = None
     if tracer is not None:
         end = tracer.start_flow(flow.name, run.run_id, "async" if asynchronous else "sync")
-    return run, journal, (_context.set_run_id(run.run_id), LOG_RUN.set(run.run_id), end)
+    scope = None
+    if plan.subflows:  # its subflow nodes run in this run's store, under its id
+        scope = SCOPE.set(Scope(flow.name, run.run_id, None if journal is None else journal.store))
+    return run, journal, (_context.set_run_id(run.run_id), LOG_RUN.set(run.run_id), end, scope)
 
 
-def _unbind(tokens: tuple[Any, Any, Any]) -> None:
+def _unbind(tokens: tuple[Any, ...]) -> None:
+    if tokens[3] is not None:
+        SCOPE.reset(tokens[3])
     if tokens[2] is not None:
         tokens[2]()
     LOG_RUN.reset(tokens[1])
@@ -55,22 +82,35 @@ def _unbind(tokens: tuple[Any, Any, Any]) -> None:
 
 
 def drive_flow_sync(
-    flow: FlowOptions, plan: Plan, state: Any, run_id: str | None, store: Any
+    flow: FlowOptions,
+    plan: Plan,
+    state: Any,
+    run_id: str | None,
+    store: Any,
+    *,
+    parent: Mapping[str, Any] | None = None,
 ) -> Generator[None, None, Any]:
     """The sync driver: a generator that runs one node per step, returning the state."""
-    run, journal, tokens = _begin(flow, plan, state, run_id, store, False)
+    run, journal, tokens = _begin(flow, plan, state, run_id, store, False, parent)
     exits: list[Callable[..., Any]] = []
     try:
         run.provide_sync(exits)
         run.started(journal is not None)
         if journal is not None:
             journal.open_sync()
-        step_sync = run.step_sync if journal is None else journal.step_sync
-        for step in plan.order:
-            step_sync(step)
-            yield
+            if plan.compensable:
+                resume_sync(run, journal)  # a run being compensated goes on compensating
+        if plan.routes is None:
+            step_sync = run.step_sync if journal is None else journal.step_sync
+            for step in plan.order:
+                step_sync(step)
+                yield
+        else:
+            yield from walk_sync(plan.routes, run, journal)
         return run.finish()
     except BaseException as exc:
+        if run.deferred is not None and exc is run.deferred:
+            settle_sync(run, journal, run.deferred)  # its compensations, then flow.failed
         run.aborted(exc)
         raise
     finally:
@@ -84,19 +124,34 @@ def drive_flow_sync(
 
 
 async def drive_flow_async(
-    flow: FlowOptions, plan: Plan, state: Any, run_id: str | None, store: Any
+    flow: FlowOptions,
+    plan: Plan,
+    state: Any,
+    run_id: str | None,
+    store: Any,
+    *,
+    parent: Mapping[str, Any] | None = None,
 ) -> Any:
     """The async driver: one run on the running event loop, returning the final state."""
-    run, journal, tokens = _begin(flow, plan, state, run_id, store, True)
+    run, journal, tokens = _begin(flow, plan, state, run_id, store, True, parent)
     exits: list[Callable[..., Any]] = []
     try:
         await run.provide_async(exits)
         run.started(journal is not None)
         if journal is not None:
             await journal.open_async()
-        await Scheduler(flow, run, journal).drive()
+            if plan.compensable:
+                await resume_async(run, journal)
+        if plan.routes is None:
+            await Scheduler(flow, run, journal).drive()
+        else:
+            executor = getattr(flow, "executor", None)
+            offload = None if executor is None else _on_executor(executor, plan.order)
+            await RoutedScheduler(flow, run, journal, plan.routes, offload).drive()
         return run.finish()
     except BaseException as exc:
+        if run.deferred is not None and exc is run.deferred:
+            await settle_async(run, journal, run.deferred)
         run.aborted(exc)
         raise
     finally:
@@ -108,10 +163,29 @@ async def drive_flow_async(
             _unbind(tokens)
 
 
+def _on_executor(executor: Any, order: Any) -> Callable[..., Any]:
+    """`await run(step, args, kwargs)`: a sync node on the flow's executor, unless it takes a
+    resource (a live object of this process: such a node runs in a thread here)."""
+    remote = offloader(executor)
+    local = {
+        step.index
+        for step in order
+        if step.spec.resources or any(kind == RESOURCE for _, kind, _, _ in step.binds)
+    }
+
+    def run(step: Step, args: Any, kwargs: Any) -> Any:
+        if step.index in local:
+            return asyncio.to_thread(step.call, *args, **kwargs)
+        return remote(step.call, args, kwargs)
+
+    return run
+
+
 class Scheduler:
     """The async driver: starts ready nodes (bounded), applies results as they finish."""
 
     __slots__ = (
+        "executor",
         "failure",
         "finished",
         "flow",
@@ -137,6 +211,9 @@ class Scheduler:
         heapq.heapify(self.ready)
         self.failure: tuple[str | None, BaseException] | None = None
         self.stop_starting = False
+        # Flow(executor=...): sync nodes run there (those taking a resource stay here)
+        executor = getattr(flow, "executor", None)
+        self.executor = None if executor is None else _on_executor(executor, order)
 
     def _done(self, task: asyncio.Task[Any]) -> None:
         self.finished.append(task)
@@ -154,7 +231,10 @@ class Scheduler:
             result = await step.call(*args, **kwargs)
         else:
             try:
-                result = await asyncio.to_thread(step.call, *args, **kwargs)
+                if self.executor is None:
+                    result = await asyncio.to_thread(step.call, *args, **kwargs)
+                else:
+                    result = await self.executor(step, args, kwargs)
             except Exception as exc:
                 bound = in_worker(step.name, kwargs, exc)
                 if bound is None:

@@ -43,6 +43,12 @@ class MemoryStore:
     def __repr__(self) -> str:
         return f"MemoryStore({len(self._records)} records)"
 
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            "a MemoryStore lives in one process and cannot be sent to another (an executor's "
+            "worker would get an empty one): use a shared store (PostgreSQL, Redis, SQLite)"
+        )
+
     def acquire(
         self,
         key: RecordKey,

@@ -22,6 +22,7 @@ broken is sent once more on a fresh connection instead of failing the call.
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 import weakref
@@ -173,6 +174,19 @@ class PostgresStore(Closing):
             )
         table = f"{self.schema}.{self.table}" if self.schema else self.table
         return f"PostgresStore({where!r}, table={table!r}, pool_size={self.pool_size})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled as its DSN and options: another process (an executor's worker) re-opens
+        the same table, with pools of its own."""
+        options: dict[str, Any] = {
+            "schema": self.schema,
+            "table": self.table,
+            "pool_size": self.pool_size,
+            "pool_timeout": self.pool_timeout,
+        }
+        if self._clock is not None:
+            options["clock"] = self._clock
+        return (functools.partial(PostgresStore, self.dsn, **options), ())
 
     # ------------------------------------------------------------------ sync connections
 

@@ -16,6 +16,7 @@ wait, and the wait for a slot is bounded by the node's deadline (`_base.pool_wai
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 import threading
@@ -152,6 +153,25 @@ class RedisStore(Closing):
     def __repr__(self) -> str:
         where = redact(self.url) if self.url is not None else "<client>"
         return f"RedisStore({where!r}, prefix={self.prefix!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled as its URL and options: another process (an executor's worker) connects
+        to the same server with clients of its own."""
+        if self.url is None:
+            raise TypeError(
+                "a RedisStore made from client objects cannot be sent to another process: "
+                "give it a URL (RedisStore(url))"
+            )
+        options: dict[str, Any] = {
+            "prefix": self.prefix,
+            "pool_size": self.pool_size,
+            "pool_timeout": self.pool_timeout,
+            "socket_timeout": self.socket_timeout,
+            "socket_connect_timeout": self.socket_connect_timeout,
+        }
+        if self._clock is not None:
+            options["clock"] = self._clock
+        return (functools.partial(RedisStore, self.url, **options), ())
 
     # ------------------------------------------------------------------ clients
 

@@ -13,6 +13,7 @@ the file keep working.
 
 from __future__ import annotations
 
+import functools
 import os
 import sqlite3
 import threading
@@ -20,6 +21,7 @@ import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from typing import Any
 
 from .._errors import ConfigError
 from .._sqlite import writer_lock
@@ -123,6 +125,18 @@ class SQLiteStore(ThreadedAsync):
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled as its path and options: another process (an executor's worker on this
+        machine) re-opens the same file."""
+        options: dict[str, Any] = {
+            "table": self.table,
+            "synchronous": self._synchronous,
+            "busy_timeout": self._busy_ms / 1000,
+        }
+        if self._clock is not wall_clock:
+            options["clock"] = self._clock
+        return (functools.partial(SQLiteStore, self.path, **options), ())
 
     # ------------------------------------------------------------------ connections
 

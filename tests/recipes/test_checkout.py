@@ -220,6 +220,57 @@ def test_a_thousand_async_orders_through_faults_are_each_charged_exactly_once(
         check_effects(api.ledger, tmp_path, checkout.make_orders(count))
 
 
+# ---------------------------------------------------------------------------- compensation
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_an_order_whose_receipt_is_refused_is_refunded_and_its_stock_released_once(
+    api: DemoAPI, tmp_path: Path, nk_instant: Instant, mode: str
+) -> None:
+    """The receipt API refuses one order for good (403): its charge is refunded and its stock
+    released, each exactly once (the API's ledger, the database); a second run of the same
+    orders replays the compensation instead of refunding again."""
+    count, declined = 6, "r-0002"
+    orders = checkout.make_orders(count, prefix="r")
+    kept = [order for order in orders if order.order_id != declined]
+    args = ("--orders", str(count), "--prefix", "r", "--mode", mode, "--concurrency", "3")
+    api.refuse_receipts(declined)  # what --refuse-receipt does to the local API
+    with capture_events() as events:
+        code, out = run(api, tmp_path, *args)
+    assert code == 0, out  # a declined order undone completely is settled
+    assert f"{count - 1} of {count} orders completed" in out
+    assert "1 compensated (charge refunded, stock released)" in out
+    charge = api.ledger.charges_for(declined)
+    assert len(charge) == 1
+    refunds = api.ledger.refunds_for(declined)
+    assert [entry.data["charge_id"] for entry in refunds] == [charge[0].data["id"]]
+    assert len(api.ledger.find(route="POST /refunds", effect=True)) == 1
+    assert all(api.ledger.keys("POST /refunds"))  # sent with the compensation's own key
+    delivered = {entry.data["event"]["order_id"] for entry in api.ledger.deliveries("receipts")}
+    assert delivered == {order.order_id for order in kept}
+    taken: Counter[str] = Counter()
+    for order in kept:
+        taken[order.sku] += order.qty
+    assert stock(tmp_path) == {sku: STOCK - taken[sku] for sku in {o.sku for o in orders}}
+    assert sorted(audit_files(tmp_path)) == [order.order_id for order in kept]
+    assert not (tmp_path / "outbox" / f"{declined}.json").exists()  # refused, not queued
+    undone = events.for_node("charge_payment").named("node.compensated")
+    assert [event.run_id for event in undone] == [f"checkout:{declined}"]
+    assert [e.node for e in events.named("node.compensated")] == [
+        "charge_payment",
+        "reserve_stock",
+    ]
+    assert not events.named("node.compensation_failed")
+
+    requests, levels = len(api.ledger), stock(tmp_path)
+    code, again = run(api, tmp_path, *args)
+    assert code == 0, again
+    assert len(api.ledger) == requests  # no refund sent again, no receipt retried
+    assert stock(tmp_path) == levels
+    assert len(api.ledger.refunds_for(declined)) == 1
+    assert f"{declined}  charge_payment  compensated (done before" in again
+
+
 # ---------------------------------------------------------------------------- SIGKILL
 
 
@@ -291,13 +342,22 @@ def test_demo_shows_both_passes_and_no_second_charge(
     first, _, second = text.partition("second pass:")
     assert "first pass: every node runs" in first
     assert second, text
-    assert "20 of 20 orders completed" in first
-    assert "20 of 20 orders completed" in second
+    # the tour's 7th order is refused a receipt for good: refunded, its stock released, and
+    # the second pass replays that too (nothing refunded twice)
+    declined = "o-0007"
+    for part in (first, second):
+        assert "19 of 20 orders completed in" in part
+        assert ", 1 compensated (charge refunded, stock released)" in part
+        assert f"refunds in the API's ledger: 1 for {declined} (no order refunded twice)" in part
+    assert f"{declined}  charge_payment  compensated\n" in first
+    assert f"{declined}  reserve_stock   compensated\n" in first
+    assert f"{declined}  charge_payment  compensated (done before" in second
     assert "charges in the API's ledger: 20 for 20 orders, 20 new in this pass" in first
     assert "charges in the API's ledger: 20 for 20 orders, 0 new in this pass" in second
     assert first.count("no order charged twice") == 1
     assert second.count("no order charged twice") == 1
-    assert "node results replayed from the journal: 80" in second
+    assert "every effect is replayed, not repeated" in second
+    assert "node results replayed from the journal: 78" in second  # 19 x 4, and 2
     assert "CHARGED TWICE" not in text
     # the guards act on the first pass: the rate limit spaces the calls, the breaker holds
     # through the demo's faults, nothing falls back; the replayed pass never reaches them
@@ -308,8 +368,9 @@ def test_demo_shows_both_passes_and_no_second_charge(
     assert "fallbacks: 0" in first
     assert "rate limit payments-api" not in second
     data = tmp_path / "tmp" / "demo"
-    assert len(audit_files(data)) == 20
-    assert sum(stock(data).values()) == 3 * STOCK - sum(o.qty for o in checkout.make_orders(20))
+    kept = [order for order in checkout.make_orders(20) if order.order_id != declined]
+    assert sorted(audit_files(data)) == [order.order_id for order in kept]
+    assert sum(stock(data).values()) == 3 * STOCK - sum(order.qty for order in kept)
 
 
 def test_help_lists_the_flags(capsys: pytest.CaptureFixture[str]) -> None:
