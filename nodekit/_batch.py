@@ -138,12 +138,14 @@ class BatchContext(NodeContext):
     def batch_keys(self) -> tuple[str | None, ...] | None:
         """The items' idempotency key digests, aligned with the items (None: unkeyed).
 
-        Reading them counts as sending them downstream (like `idempotency_key_for`): a keyed
-        WRITE batch may then retry an ambiguous error, the downstream API replaying the items
-        it already processed.
+        Reading them counts as sending them downstream (like `idempotency_key_for`): a WRITE
+        batch whose items are *all* keyed may then retry an ambiguous error, the downstream
+        API replaying the items it already processed. One unkeyed item (``optional=True``
+        without a key) keeps the batch from retrying one: that item's effect could not be
+        deduplicated downstream.
         """
         keys = self._batch_keys
-        if any(key is not None for key in keys):
+        if keys and all(key is not None for key in keys):
             self.key_carried = True
         return keys
 

@@ -23,12 +23,13 @@ import pickle
 import sys
 import threading
 import uuid
+import warnings
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
-from ._errors import ConfigError
+from ._errors import ConfigError, NodekitWarning
 from ._loops import thread_loop
 from .idempotency.memory import MemoryStore
 
@@ -181,8 +182,22 @@ def shipped(node: Any) -> Shipped:
             node=spec.name,
             option="idempotency",
         )
+    if idem is None and spec.effect.value == "write" and spec.name not in _WARNED:
+        _WARNED.add(spec.name)
+        warnings.warn(
+            f"node {spec.name!r} is an unkeyed WRITE sent to an executor that runs it in other "
+            "processes: an executor that re-runs the tasks of a worker that died (Dask does) "
+            "can make its effect twice; give it an idempotency key "
+            "(@nk.node(idempotency=nk.Idempotency(key=..., store=...))) or mark it "
+            "effect=nk.Effect.READ if it has none",
+            NodekitWarning,
+            stacklevel=3,
+        )
     recipe = _recipe(node)
     return Shipped(node, recipe)
+
+
+_WARNED: set[str] = set()  # nodes warned about once per process
 
 
 def offloader(executor: Executor) -> Callable[[Any, Any, Any], Any]:

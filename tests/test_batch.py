@@ -627,6 +627,36 @@ async def test_an_ambiguous_error_is_retried_only_when_the_keys_went_downstream(
             await write(1)
 
 
+async def test_one_unkeyed_item_keeps_an_ambiguous_error_from_being_retried(
+    nk_instant: Instant,
+) -> None:
+    """`Idempotency(optional=True)`: an item without a key cannot be deduplicated downstream,
+    so a batch holding one is not retried after an ambiguous error even though it read
+    `batch_keys`; the unkeyed item is sent once."""
+    calls: list[list[str | None]] = []
+
+    @nk.node(
+        name="bulk-mixed",
+        batch=nk.Batch(max_size=10, max_wait=0),
+        retry=nk.Retry(attempts=2),
+        idempotency=nk.Idempotency(
+            key=lambda item: item or None, store=nk.MemoryStore(), optional=True
+        ),
+    )
+    async def write(items: list[str]) -> list[str]:
+        keys = nk.context().batch_keys
+        assert keys is not None
+        calls.append([None if key is None else item for item, key in zip(items, keys, strict=True)])
+        if len(calls) == 1:
+            raise ConnectionResetError("dropped after sending")
+        return items
+
+    results = await asyncio.gather(write("o1"), write(""), return_exceptions=True)
+
+    assert calls == [["o1", None]]  # sent once: no retry with the unkeyed item in it
+    assert all(isinstance(r, Exception) for r in results)
+
+
 def test_one_node_serves_one_event_loop_after_another() -> None:
     """A batch left open on a closed loop (its caller cancelled) does not hold up the next
     loop's callers; `node.map` from sync code batches on its own loop too."""

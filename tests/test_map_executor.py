@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import pickle
 import threading
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -32,14 +33,14 @@ cloudpickle = pytest.importorskip("cloudpickle")
 # module-level nodes: a worker imports them by name
 
 
-@nk.node
+@nk.node(effect=nk.Effect.READ)  # unkeyed WRITE nodes on other processes warn (tested below)
 def square(x: int) -> tuple[int, int]:
     if x < 0:
         raise ValueError(f"negative: {x}")
     return x * x, os.getpid()
 
 
-@nk.node
+@nk.node(effect=nk.Effect.READ)
 async def asquare(x: int) -> tuple[int, int]:
     await asyncio.sleep(0)
     return x * x, os.getpid()
@@ -47,7 +48,7 @@ async def asquare(x: int) -> tuple[int, int]:
 
 class Outer:
     @staticmethod
-    @nk.node
+    @nk.node(effect=nk.Effect.READ)
     def inc(x: int) -> int:
         return x + 1
 
@@ -280,6 +281,27 @@ def test_bad_executors_and_unshareable_keys_are_config_errors(tmp_path: Path) ->
         nk.Flow("f", executor=cast(Any, object()))
 
 
+@pytest.mark.slow
+def test_an_unkeyed_write_node_sent_to_other_processes_warns_once(
+    pool: ProcessPoolExecutor,
+) -> None:
+    """Executors that re-run a dead worker's tasks (Dask) could make an unkeyed WRITE's effect
+    twice: sending one to another process warns, once per node, naming it and the fix; a
+    thread pool (nothing re-run) does not."""
+
+    @nk.node(name="unkeyed_write")
+    def unkeyed_write(x: int) -> int:
+        return x
+
+    with ThreadPoolExecutor(1) as threads:
+        assert unkeyed_write.map([1], executor=threads).unwrap() == [1]  # no warning here
+    with pytest.warns(nk.NodekitWarning, match=r"node 'unkeyed_write' is an unkeyed WRITE.*key"):
+        assert unkeyed_write.map([2], executor=pool).unwrap() == [2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert unkeyed_write.map([3], executor=pool).unwrap() == [3]  # once per node
+
+
 async def test_a_durable_run_refuses_an_executor(tmp_path: Path) -> None:
     with ThreadPoolExecutor(1) as threads:
         flow = nk.Flow("durable", executor=threads)
@@ -295,11 +317,11 @@ async def test_a_durable_run_refuses_an_executor(tmp_path: Path) -> None:
 async def test_an_async_flow_fans_out_on_a_process_pool(pool: ProcessPoolExecutor) -> None:
     flow = nk.Flow("fanout", executor=pool)
 
-    @flow.node
+    @flow.node(effect=nk.Effect.READ)
     def left(x: int) -> dict[str, Any]:
         return {"left": x + 1, "left_pid": os.getpid()}
 
-    @flow.node
+    @flow.node(effect=nk.Effect.READ)
     def right(x: int) -> dict[str, Any]:
         return {"right": x * 10, "right_pid": os.getpid()}
 
@@ -315,7 +337,7 @@ async def test_an_async_flow_fans_out_on_a_process_pool(pool: ProcessPoolExecuto
     assert state["total_pid"] == os.getpid()
 
     # a node that fails on the executor fails the run as usual
-    @flow.node(after=total)
+    @flow.node(after=total, effect=nk.Effect.READ)
     def boom(total: int) -> None:
         raise ValueError("boom")
 

@@ -187,11 +187,11 @@ def test_async_flow_fans_out_on_dask(client: Any) -> None:
 
     flow = nk.Flow("fanout", executor=client.get_executor())
 
-    @flow.node
+    @flow.node(effect=nk.Effect.READ)
     def left(x: int) -> dict[str, Any]:
         return {"left": x + 1, "left_pid": os.getpid()}
 
-    @flow.node
+    @flow.node(effect=nk.Effect.READ)
     def right(x: int) -> dict[str, Any]:
         return {"right": x * 10, "right_pid": os.getpid()}
 
