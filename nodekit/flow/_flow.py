@@ -44,7 +44,8 @@ class Flow(Generic[S]):
     model class. `max_concurrency` bounds the nodes running at once in async mode.
     `on_error` says what happens to nodes still running when one fails in async mode:
     ``"cancel"`` (default) cancels them, ``"finish"`` lets them finish and keeps their
-    updates; no new node starts either way. `resources` maps names to zero-argument factories
+    updates; no new node starts either way. A flow with compensations always lets them finish
+    (a sync node in a worker thread cannot be stopped), then compensates what completed. `resources` maps names to zero-argument factories
     called at the start of every run (a context manager, sync or async, is entered and closed
     at the end; any other value is used as it is). `reducers` maps a field to
     ``fn(old, update) -> new``. Durable runs: `lease` is how long a crashed run's node blocks a
@@ -490,7 +491,8 @@ class Flow(Generic[S]):
         Independent nodes run concurrently (at most `max_concurrency`), async nodes as tasks,
         sync nodes in worker threads (`asyncio.to_thread`), so the loop is never blocked.
         `run_id` and `store` as for `run`. Raises `FlowError` if a node fails; running
-        siblings are cancelled or finish as `on_error` says.
+        siblings are cancelled or finish as `on_error` says (a flow with compensations lets
+        them finish, to compensate them).
         """
         if store is not None and self.executor is not None:
             raise ConfigError(

@@ -122,7 +122,7 @@ class Step:
         self.undeclared_upstream = False
         self.lease = 60.0
         self.ttl: float | None = None
-        # its compensation (`_compensate.Undo`), None for most: read only when a run fails
+        # its compensation (`_undo.Undo`), None for most: read only when a run fails
         self.compensate: Any = None
 
     def __repr__(self) -> str:

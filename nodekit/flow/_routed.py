@@ -313,7 +313,8 @@ class RoutedScheduler:
         if self.failure is None:
             self.failure = (node, problem)
             self.stop = True
-            if self.flow.on_error == "cancel":
+            # a flow with compensations waits for its in-flight nodes (see `_scheduler`)
+            if self.flow.on_error == "cancel" and not self.run.plan.compensable:
                 for other in self.running:
                     other.cancel()
 

@@ -330,7 +330,10 @@ class Scheduler:
             if self.failure is None:
                 self.failure = (step.name, problem)
                 self.stop_starting = True
-                if self.flow.on_error == "cancel":
+                # a flow with compensations waits for its in-flight nodes: a sync node in a
+                # worker thread cannot be cancelled (its effect happens all the same), and
+                # one that completes must be compensated (`_compensate`)
+                if self.flow.on_error == "cancel" and not self.run.plan.compensable:
                     for other in running:
                         other.cancel()
 

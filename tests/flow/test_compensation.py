@@ -12,8 +12,10 @@ import json
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -25,6 +27,7 @@ from pydantic import BaseModel
 import nodekit as nk
 from nodekit._canonical import canonical_json, digest
 from nodekit.flow._compensate import JournaledError
+from nodekit.idempotency._store import RecordKey
 from nodekit.idempotency.sqlite import SQLiteStore
 from nodekit.testing import APIRequest, APIResponse, LocalAPI, capture_events
 
@@ -567,3 +570,227 @@ def test_a_node_a_loop_ran_twice_is_compensated_once_per_completion(
     second = digest(canonical_json(["loop-1", "charge", "compensate", 1]))
     assert log == [("refund", 2, second), ("refund", 1, key_of("loop-1", "charge"))]
     assert caught.value.compensated == ("charge", "charge")
+
+
+# ---------------------------------------------------------------------------- in-flight nodes
+
+
+def racing(effects: list[str], *, compensated: bool, routed: bool) -> nk.Flow[dict[str, Any]]:
+    """`slow` (a sync node, in a worker thread) is still running when `fast` fails for good."""
+    flow = nk.Flow("race", on_error="cancel")
+    failed = threading.Event()
+
+    def undo_slow(result: Any) -> None:
+        effects.append(f"undo_slow:{result}")
+
+    def slow(x: int) -> int:
+        assert failed.wait(5)
+        time.sleep(0.1)  # the loop has seen fast's failure by now
+        effects.append("charged")
+        return x
+
+    def fast(x: int) -> None:
+        failed.set()
+        raise Refused("no")
+
+    undo = undo_slow if compensated else None
+    if routed:
+        flow.add(lambda: None, name="start")
+        flow.add(slow, name="slow", output="s", compensate=undo)
+        flow.add(fast, name="fast")
+        flow.route(after="start", to=lambda state: ["slow", "fast"], targets=["slow", "fast"])
+    else:
+        flow.add(slow, name="slow", output="s", compensate=undo)
+        flow.add(fast, name="fast")
+    return flow
+
+
+@pytest.mark.parametrize("routed", [False, True], ids=["dag", "routed"])
+def test_a_compensable_flow_waits_for_in_flight_nodes_and_compensates_them(routed: bool) -> None:
+    """A sync node in a worker thread cannot be cancelled: with compensations, the run lets
+    it finish, lists it as completed and undoes it."""
+    effects: list[str] = []
+    with pytest.raises(nk.FlowError) as caught:
+        asyncio.run(racing(effects, compensated=True, routed=routed).arun({"x": 7, "s": 0}))
+    assert effects == ["charged", "undo_slow:7"]
+    assert "slow" in caught.value.completed
+    assert caught.value.compensated == ("slow",)
+    assert caught.value.failed == "fast"
+
+
+@pytest.mark.parametrize("routed", [False, True], ids=["dag", "routed"])
+def test_a_flow_without_compensations_still_cancels_in_flight_nodes(routed: bool) -> None:
+    """on_error="cancel" as before: the running sibling's task is cancelled, not completed."""
+    effects: list[str] = []
+    with pytest.raises(nk.FlowError) as caught:
+        asyncio.run(racing(effects, compensated=False, routed=routed).arun({"x": 7, "s": 0}))
+    assert "slow" not in caught.value.completed
+    assert caught.value.compensated == ()
+    assert effects == ["charged"]  # the thread ran on: why compensable flows wait for it
+
+
+# ---------------------------------------------------------------------------- transient undo
+
+
+class Dropped(Exception):
+    """The refund request was sent and the connection dropped: it may have happened."""
+
+    nodekit_kind = "ambiguous"
+
+
+def refunding(db: Path, failures: list[BaseException]) -> nk.Flow[dict[str, Any]]:
+    """charge -> receipt (refused for good); the refund fails with `failures.pop(0)` while
+    any is left, else writes its row to a sqlite table (the effect, counted outside)."""
+    flow = nk.Flow("refunding")
+
+    def refund(result: Any) -> None:
+        if failures:
+            raise failures.pop(0)
+        with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+            conn.execute("INSERT INTO refunds (charge) VALUES (?)", (result,))
+
+    @flow.node(output="charge", compensate=refund)
+    def charge(x: int) -> str:
+        return f"ch-{x}"
+
+    @flow.node(after=charge)
+    def receipt(charge: str) -> None:
+        raise Refused("receipt refused for good")
+
+    return flow
+
+
+def refunds(db: Path) -> list[str]:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return [row[0] for row in conn.execute("SELECT charge FROM refunds")]
+
+
+@pytest.fixture
+def refund_db(tmp_path: Path) -> Path:
+    db = tmp_path / "effects.sqlite"
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute("CREATE TABLE refunds (charge TEXT NOT NULL)")
+    return db
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_compensation_that_failed_safely_runs_again_on_resume(
+    tmp_path: Path, refund_db: Path, mode: str, nk_instant: Any
+) -> None:
+    """The refund API was down (a safe error: it did not happen): the first run reports it
+    not compensated, and a resume runs the refund again, once."""
+    store = SQLiteStore(tmp_path / "journal.sqlite")
+    failures: list[BaseException] = [ConnectionRefusedError("refund API down")] * 10
+    try:
+        with pytest.raises(nk.FlowError) as first:
+            run_mode(refunding(refund_db, failures), mode, {"x": 1}, run_id="t1", store=store)
+        assert list(first.value.not_compensated) == ["charge"]
+        assert "ConnectionRefusedError" in first.value.not_compensated["charge"]
+        assert refunds(refund_db) == []
+        failures.clear()  # the API is back
+        with pytest.raises(nk.FlowError) as second:
+            run_mode(refunding(refund_db, failures), mode, {"x": 1}, run_id="t1", store=store)
+        assert second.value.compensated == ("charge",)
+        assert dict(second.value.not_compensated) == {}
+        assert refunds(refund_db) == ["ch-1"]
+        with pytest.raises(nk.FlowError) as third:
+            run_mode(refunding(refund_db, failures), mode, {"x": 1}, run_id="t1", store=store)
+        assert third.value.compensated == ("charge",)
+        assert refunds(refund_db) == ["ch-1"]  # replayed, not refunded twice
+    finally:
+        store.close()
+
+
+def test_a_compensation_that_failed_ambiguously_keeps_its_entry_locked(
+    tmp_path: Path, refund_db: Path, nk_instant: Any
+) -> None:
+    """An ambiguous error (the refund may have happened) is reported as outcome unknown; its
+    journal entry stays locked, so a resume within the lease does not refund again."""
+    store = SQLiteStore(tmp_path / "journal.sqlite")
+    failures: list[BaseException] = [Dropped("connection dropped after sending")] * 10
+    try:
+        with capture_events() as events, pytest.raises(nk.FlowError) as first:
+            refunding(refund_db, failures).run({"x": 1}, run_id="t2", store=store)
+        why = first.value.not_compensated["charge"]
+        assert "OutcomeUnknown" in why
+        assert "Dropped" in why
+        assert events.named("idempotency.outcome_unknown")
+        failures.clear()
+        with pytest.raises(nk.FlowError) as second:
+            refunding(refund_db, failures).run({"x": 1}, run_id="t2", store=store)
+        assert list(second.value.not_compensated) == ["charge"]
+        assert "in progress" in second.value.not_compensated["charge"]
+        assert refunds(refund_db) == []
+    finally:
+        store.close()
+
+
+def test_a_compensation_that_failed_for_good_is_not_run_again(
+    tmp_path: Path, refund_db: Path, nk_instant: Any
+) -> None:
+    store = SQLiteStore(tmp_path / "journal.sqlite")
+    failures: list[BaseException] = [Refused("refund refused: card closed")] * 10
+    try:
+        with pytest.raises(nk.FlowError) as first:
+            refunding(refund_db, failures).run({"x": 1}, run_id="t3", store=store)
+        failures.clear()
+        with pytest.raises(nk.FlowError) as second:
+            refunding(refund_db, failures).run({"x": 1}, run_id="t3", store=store)
+        assert dict(second.value.not_compensated) == dict(first.value.not_compensated)
+        assert "card closed" in second.value.not_compensated["charge"]
+        assert refunds(refund_db) == []
+    finally:
+        store.close()
+
+
+# ---------------------------------------------------------------------------- resume alignment
+
+
+def test_a_completion_whose_journal_entry_is_gone_keeps_the_results_aligned(
+    tmp_path: Path, nk_instant: Any
+) -> None:
+    """A loop charged twice; the first charge's journal entry is gone when the run resumes:
+    its refund gets ``result=None``, and the second refund still gets the second charge."""
+    log: list[Any] = []
+    down: list[bool] = [True]
+    flow = nk.Flow("loop2")
+
+    def refund(result: Any) -> None:
+        if down[0]:
+            raise ConnectionRefusedError("refund API down")
+        log.append(("refund", result, nk.context().idempotency_key))
+
+    @flow.node
+    def start() -> None: ...
+
+    @flow.node(after=start, output="n", compensate=refund)
+    def charge(n: int) -> int:
+        return n + 1
+
+    @flow.node
+    def receipt(n: int) -> None:
+        raise Refused("for good")
+
+    flow.route(
+        after=charge,
+        to=lambda state: charge if state["n"] < 2 else receipt,
+        targets=[charge, receipt],
+    )
+    store = SQLiteStore(tmp_path / "journal.sqlite")
+    try:
+        with pytest.raises(nk.FlowError) as first:
+            flow.run({"n": 0}, run_id="loop-2", store=store)
+        assert list(first.value.not_compensated) == ["charge#2", "charge"]
+        step = next(s for s in flow._compile().order if s.name == "charge")
+        gone = RecordKey(
+            f"flow:loop2:{step.namespace}", "", digest(canonical_json(["loop-2", "charge", 0]))
+        )
+        assert store.delete(gone)
+        down[0] = False
+        with pytest.raises(nk.FlowError) as second:
+            flow.run({"n": 0}, run_id="loop-2", store=store)
+    finally:
+        store.close()
+    later = digest(canonical_json(["loop-2", "charge", "compensate", 1]))
+    assert log == [("refund", 2, later), ("refund", None, key_of("loop-2", "charge"))]
+    assert second.value.compensated == ("charge", "charge")
