@@ -30,8 +30,9 @@ __all__ = [
     "set_run_id",
 ]
 
-# the fields of a `node.progress` event that `NodeContext.emit` sets itself (or `Event` has)
-_RESERVED = frozenset({"progress", *_events.Event.__dataclass_fields__})
+# the fields of a `node.progress` event that `NodeContext.emit` sets itself (or `Event` has),
+# and ``t``/``name``: a stored event's time and name (the run log's lines)
+_RESERVED = frozenset({"progress", "t", "name", *_events.Event.__dataclass_fields__})
 
 # A run id set by a flow (or by `run_id()`) for every node called inside it.
 _RUN_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("nodekit_run_id", default=None)

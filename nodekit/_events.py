@@ -1,8 +1,10 @@
 """One event model: every output (logs, metrics, streams, journals) is a sink of one stream.
 
-An `Event` is emitted only when someone listens: a registered sink, an active capture, or a
-``"nodekit"`` logger enabled for the event's level. The success path of a node asks one cheap
-question (`observed()`) and does no event work when the answer is no.
+An `Event` is emitted only when someone listens: a registered sink, an active capture, a
+``"nodekit"`` logger enabled for the event's level, or (off the success path) the run log of
+the durable run the caller runs in (`RUN_SINK`, scoped to that run's context). The success
+path of a node asks one cheap question (`observed()`) and does no event work when the answer
+is no.
 
 nodekit never configures logging. Events go to structlog when the application configured it,
 else to the standard ``logging`` logger ``"nodekit"``; the level gate for both is that stdlib
@@ -18,6 +20,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Mapping, MutableMapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -25,6 +28,7 @@ from ._redact import error_text
 from ._runtime import CURRENT, RUNTIME
 
 __all__ = [
+    "RUN_SINK",
     "Event",
     "Sink",
     "add_node_context",
@@ -152,6 +156,14 @@ class Sink(Protocol):
     def __call__(self, event: Event, /) -> None: ...
 
 
+# The sink of the durable run this context runs in (its run log, `flow/_runlog.py`): set by
+# the run in its own context, so its node calls, tasks and worker threads (which run in
+# copies of that context) reach it, and nothing else in the process does. `observed()` does
+# not ask it: a node's success path stays as it is, and only `emit` (off that path) delivers
+# to it.
+RUN_SINK: ContextVar[Callable[[Event], None] | None] = ContextVar("nodekit_run_sink", default=None)
+
+
 # The sinks are `RUNTIME.sinks`: a tuple replaced whole under `RUNTIME.lock`, so that emit never
 # takes a lock; `RUNTIME.reset()` drops every sink.
 is_enabled_for = logger.isEnabledFor
@@ -159,8 +171,11 @@ is_enabled_for = logger.isEnabledFor
 
 def wanted(name: str) -> bool:
     """Whether an event of this name would reach anyone (a sink, or the log at its level):
-    callers that build costly fields ask first."""
-    return bool(RUNTIME.sinks) or is_enabled_for(_LEVELS.get(name, INFO))
+    callers that build costly fields ask first (off a node's success path: a durable run's
+    scoped sink counts)."""
+    return (
+        bool(RUNTIME.sinks) or RUN_SINK.get() is not None or is_enabled_for(_LEVELS.get(name, INFO))
+    )
 
 
 def observed() -> bool:
@@ -212,7 +227,8 @@ def emit(
     level = _LEVELS.get(name, INFO)
     sinks = RUNTIME.sinks
     log = is_enabled_for(level)
-    if not sinks and not log:
+    scoped = RUN_SINK.get()
+    if not sinks and not log and scoped is None:
         return
     event = Event(
         name=name,
@@ -232,6 +248,11 @@ def emit(
             target(event)
         except Exception:  # a broken sink must never break a node
             logger.debug("nodekit: event sink %r failed", target, exc_info=True)
+    if scoped is not None:
+        try:
+            scoped(event)
+        except Exception:
+            logger.debug("nodekit: event sink %r failed", scoped, exc_info=True)
     if log:
         _log(event)
 

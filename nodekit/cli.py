@@ -73,8 +73,18 @@ def _took(start: float | None, end: float | None) -> str:
     return str(timedelta(seconds=round(seconds)))
 
 
+def _safe(text: Any) -> str:
+    """Stored text made safe for the terminal: control characters as ``\\x1b``-style
+    escapes (an error text or a run id may hold ``\\x1b[2J``)."""
+    from ._story._text import printable
+
+    return printable(str(text))
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    """Print aligned columns (the last one unpadded)."""
+    """Print aligned columns (the last one unpadded), control characters escaped."""
+    header = [_safe(cell) for cell in header]
+    rows = [[_safe(cell) for cell in row] for row in rows]
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         cells = [str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)]
@@ -219,7 +229,7 @@ def _show(args: argparse.Namespace) -> int:
         except IdempotencyCorruptRecord as exc:
             print(f"CORRUPT: field {exc.field!r} cannot be read ({exc})")
             for name, value in (exc.fields or {}).items():
-                print(f"{name}: {value}")
+                print(f"{name}: {_safe(value)}")
             return 3
         if record is None:
             print("no such record", file=sys.stderr)
@@ -421,31 +431,40 @@ def _runs_cancel(args: argparse.Namespace) -> int:
         info = _the_run(backend, args.run, args.flow)
         status = derived_status(info, store)
         if info.status == CANCELLED:
-            print(f"run {info.run_id} of flow {info.flow} is already cancelled")
+            print(f"run {_safe(info.run_id)} of flow {_safe(info.flow)} is already cancelled")
             return 0
         if info.status in (SUCCEEDED, COMPENSATED):
             raise CliError(f"run {info.run_id!r} has {info.status}: there is nothing to cancel")
         backend.set_status(info.flow, info.run_id, CANCELLED)
     then = " it stops before its next node;" if status == RUNNING else ""
-    print(f"cancelled run {info.run_id} of flow {info.flow}:{then} a resume is refused")
+    print(
+        f"cancelled run {_safe(info.run_id)} of flow {_safe(info.flow)}:{then} a resume is refused"
+    )
     return 0
 
 
 def _runs_forget(args: argparse.Namespace) -> int:
-    from .flow._runlog import RUNNING, derived_status, journal_keys
+    from .flow._runlog import RUNNING, derived_status, forget_keys
 
     with _opened(args.url, args) as store:
         backend = _backend(store)
         info = _the_run(backend, args.run, args.flow)
-        if derived_status(info, store) == RUNNING and not args.force:
-            raise CliError(
-                f"run {info.run_id!r} is running (its process is alive, or its lease is "
-                "valid): cancel it first, or add --force"
-            )
-        deleted = sum(1 for key in journal_keys(info) if store.delete(key))
-        backend.delete(info.flow, info.run_id)
+        # its subflows' runs too: run ids ``{run}/{label}`` and ``{run}/{label}#k``, nested
+        children = [child for child in backend.runs() if child.run_id.startswith(info.run_id + "/")]
+        for run in (info, *children):
+            if derived_status(run, store) == RUNNING and not args.force:
+                raise CliError(
+                    f"run {run.run_id!r} is running (its process is alive, or its lease is "
+                    "valid): cancel it first, or add --force"
+                )
+        deleted = 0
+        for run in (*children, info):  # the parent last: a failure leaves it to retry
+            deleted += sum(1 for key in forget_keys(run, store) if store.delete(key))
+            backend.delete(run.flow, run.run_id)
+    subflows = f" and {len(children)} subflow run{'s' if len(children) != 1 else ''}"
     print(
-        f"forgot run {info.run_id} of flow {info.flow}: its log and {deleted} journal "
+        f"forgot run {_safe(info.run_id)} of flow {_safe(info.flow)}"
+        f"{subflows if children else ''}: its log and {deleted} journal "
         f"record{'s' if deleted != 1 else ''} deleted"
     )
     return 0
@@ -689,7 +708,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("nodekit: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # every failure: one line, no traceback
-        print(f"nodekit {args.command} {args.verb}: {_one_line(exc, args.url)}", file=sys.stderr)
+        print(
+            f"nodekit {args.command} {args.verb}: {_safe(_one_line(exc, args.url))}",
+            file=sys.stderr,
+        )
         return 2
     finally:
         warnings.showwarning = show

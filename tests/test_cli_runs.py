@@ -7,12 +7,14 @@ counted outside the process (a ledger file written with O_APPEND), never in a Py
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -590,7 +592,7 @@ def test_the_run_log_holds_the_events_as_json_and_no_payload(tmp_path: Path) -> 
     names = [e["name"] for e in info.events]
     assert names[0] == "flow.started"
     assert names[-1] == "flow.finished"
-    assert "node.succeeded" in names
+    assert "flow.node_finished" in names  # a successful step: the flow's own events
     assert all(isinstance(e["t"], float) for e in info.events)
     with store._use() as conn:
         (raw,) = conn.execute("SELECT events FROM nodekit_idempotency_runs").fetchone()
@@ -671,3 +673,402 @@ def test_crashed_is_derived_from_the_holder_and_the_lease() -> None:
     backend.begin("far", "f-2", now, now + 60.0, elsewhere, nodes)  # lease valid
     info2 = backend.runs(run_id="f-2")[0]
     assert _runlog.derived_status(info2, store) == "running"
+
+
+# ------------------------------------------------------------- the run's scoped event sink
+
+
+def _ledger_add(ledger: Path, line: str) -> None:
+    with open(ledger, "a") as file:
+        file.write(line + "\n")
+
+
+def _ledger(ledger: Path) -> list[str]:
+    return ledger.read_text().splitlines() if ledger.exists() else []
+
+
+def test_a_durable_run_does_not_make_other_threads_observed(tmp_path: Path) -> None:
+    from nodekit import _events
+    from nodekit._runtime import RUNTIME
+
+    store = nk.SQLiteStore(tmp_path / "runs.db")
+    seen: dict[str, Any] = {}
+
+    @nk.node
+    def plain(x: int) -> int:
+        return x + 1
+
+    flow = nk.Flow("scoped")
+
+    @flow.node
+    def step(x: int) -> dict[str, int]:
+        seen["in_run"] = _events.RUN_SINK.get() is not None
+        seen["sinks"] = RUNTIME.sinks
+
+        def other() -> None:  # a thread of its own (not a copy of the run's context)
+            seen["other_observed"] = _events.observed()
+            seen["other_sink"] = _events.RUN_SINK.get()
+            seen["other_value"] = plain(1)
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+        return {"y": x}
+
+    assert flow.run({"x": 1}, run_id="s-1", store=store) == {"x": 1, "y": 1}
+    assert seen == {
+        "in_run": True,
+        "sinks": (),
+        "other_observed": False,
+        "other_sink": None,
+        "other_value": 2,
+    }
+    assert _events.RUN_SINK.get() is None  # reset when the run ended
+    store.close()
+
+
+def test_the_log_keeps_the_steps_events_not_their_inner_nodes(
+    tmp_path: Path, nk_instant: Instant
+) -> None:
+    store = nk.SQLiteStore(tmp_path / "runs.db")
+    tries: list[int] = []
+
+    @nk.node
+    def inner(i: int) -> int:
+        return i * 2
+
+    flow = nk.Flow("chatty")
+
+    @flow.node
+    def busy(n: int) -> dict[str, int]:
+        return {"total": sum(inner(i) for i in range(n))}
+
+    @flow.node(after=busy, effect=nk.Effect.READ, retry=nk.Retry(attempts=3))
+    def flaky(total: int) -> dict[str, int]:
+        tries.append(total)
+        if len(tries) < 3:
+            raise ConnectionError("upstream down")
+        return {"done": total}
+
+    assert flow.run({"n": 500}, run_id="c-1", store=store)["done"] == 249500
+    backend = _runlog.backend_for(store)
+    assert backend is not None
+    (info,) = backend.runs(run_id="c-1", events=True)
+    events = info.events or []
+    assert not [e for e in events if e.get("node") == "inner"]
+    retries = [e for e in events if e["name"] == "node.retrying"]
+    assert [(e["node"], e["attempt"]) for e in retries] == [("flaky", 1), ("flaky", 2)]
+    assert all(e.get("wait") is not None for e in retries)
+    assert len(events) < 20  # the 500 inner calls left nothing
+    # the story: one attempt for busy, three for flaky (two faults, two waits)
+    from nodekit import _story
+
+    story = _story.build_story(info.as_run(), events)
+    lanes = {lane["node"]: lane for lane in story["lanes"]}
+    assert (lanes["busy"]["attempts"], lanes["busy"]["status"]) == (1, "succeeded")
+    assert lanes["flaky"]["attempts"] == 3
+    assert lanes["flaky"]["retries"] == 2
+    outcomes = [s.get("outcome") for s in lanes["flaky"]["segments"] if s["type"] == "attempt"]
+    assert outcomes == ["retried", "retried", "succeeded"]
+    store.close()
+
+
+def test_the_log_keeps_at_most_max_events_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(_runlog, "MAX_EVENTS", 5)
+    path = tmp_path / "runs.db"
+    store = nk.SQLiteStore(path)
+    flow = nk.Flow("noisy")
+
+    @flow.node
+    def talk(n: int) -> dict[str, int]:
+        for i in range(n):
+            nk.context().emit("tick", i=i)
+        return {"said": n}
+
+    flow.run({"n": 40}, run_id="n-1", store=store)
+    backend = _runlog.backend_for(store)
+    assert backend is not None
+    (info,) = backend.runs(run_id="n-1", events=True)
+    events = info.events or []
+    names = [e["name"] for e in events]
+    assert names[-1] == "runlog.dropped" or "runlog.dropped" in names
+    assert "flow.finished" in names  # the run's end is kept past the cap
+    kept = [e for e in events if e["name"] != "runlog.dropped"]
+    assert len(kept) == 6  # 5, and the run's end
+    dropped = sum(e["dropped"] for e in events if e["name"] == "runlog.dropped")
+    # flow.started, node_started, 40 ticks, node_finished, flow.finished: 44, 6 kept
+    assert dropped == 44 - 6
+    store.close()
+    code, out, err = run_cli(capsys, "runs", "show", f"sqlite:///{path}", "n-1")
+    assert code == 0, err
+    assert "38 events not kept" in out
+
+
+async def test_an_async_run_logs_its_steps_through_its_context(tmp_path: Path) -> None:
+    store = nk.SQLiteStore(tmp_path / "runs.db")
+    flow = nk.Flow("async-scoped")
+
+    @flow.node
+    def threaded(x: int) -> dict[str, int]:  # runs in a worker thread (asyncio.to_thread)
+        nk.context().emit("note", where="thread")
+        return {"t": x}
+
+    @flow.node
+    async def awaited(x: int) -> dict[str, int]:
+        nk.context().emit("note", where="task")
+        return {"a": x}
+
+    await flow.arun({"x": 1}, run_id="as-1", store=store)
+    backend = _runlog.backend_for(store)
+    assert backend is not None
+    (info,) = backend.runs(run_id="as-1", events=True)
+    events = info.events or []
+    notes = sorted(e["where"] for e in events if e["name"] == "node.progress")
+    assert notes == ["task", "thread"]
+    finished = sorted(e["node"] for e in events if e["name"] == "flow.node_finished")
+    assert finished == ["awaited", "threaded"]
+    store.close()
+
+
+def test_a_stream_logs_its_steps_through_its_worker_thread(tmp_path: Path) -> None:
+    store = nk.SQLiteStore(tmp_path / "runs.db")
+    flow = nk.Flow("streamed")
+
+    @flow.node
+    def one(x: int) -> dict[str, int]:
+        return {"y": x}
+
+    list(flow.stream({"x": 1}, run_id="st-1", store=store))
+    backend = _runlog.backend_for(store)
+    assert backend is not None
+    (info,) = backend.runs(run_id="st-1", events=True)
+    names = [e["name"] for e in info.events or []]
+    assert names[0] == "flow.started"
+    assert "flow.node_finished" in names
+    assert names[-1] == "flow.finished"
+    store.close()
+
+
+# ---------------------------------------------------------------------------- forget
+
+
+def test_forget_deletes_a_compensated_runs_whole_journal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, ledger, flag = tmp_path / "runs.db", tmp_path / "ledger.txt", tmp_path / "ok.flag"
+    flow = nk.Flow("saga-forget")
+
+    def undo(order: str) -> None:
+        _ledger_add(ledger, "undo")
+
+    def reserve(order: str) -> dict[str, bool]:
+        _ledger_add(ledger, "reserve")
+        return {"reserved": True}
+
+    def ship(order: str) -> dict[str, bool]:
+        if not flag.exists():
+            raise ValueError("no truck")
+        _ledger_add(ledger, "ship")
+        return {"shipped": True}
+
+    flow.add(ship, after=flow.add(reserve, compensate=undo))
+    store = nk.SQLiteStore(path)
+    with pytest.raises(nk.FlowError, match="compensated"):
+        flow.run({"order": "o-1"}, run_id="f-1", store=store)
+    assert _ledger(ledger) == ["reserve", "undo"]
+    store.close()
+    code, _out, err = run_cli(capsys, "runs", "forget", f"sqlite:///{path}", "f-1")
+    assert code == 0, err
+    store = nk.SQLiteStore(path)
+    assert store.stats() == {}  # header, entry, compensation plan and undo: all gone
+    flag.touch()
+    assert flow.run({"order": "o-1"}, run_id="f-1", store=store)["shipped"] is True
+    assert _ledger(ledger) == ["reserve", "undo", "reserve", "ship"]
+    store.close()
+
+
+def test_forget_deletes_a_loops_entries_and_its_route_decisions(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, ledger = tmp_path / "runs.db", tmp_path / "ledger.txt"
+    flow = nk.Flow("loop-forget")
+
+    @flow.node(output="tries")
+    def prepare() -> int:
+        return 0
+
+    @flow.node(after=prepare)
+    def attempt(tries: int) -> dict[str, Any]:
+        _ledger_add(ledger, "attempt")
+        return {"tries": tries + 1, "ok": tries + 1 >= 3}
+
+    @flow.node(output="result")
+    def done(tries: int) -> str:
+        return f"ok after {tries}"
+
+    def again(state: Any) -> Any:
+        return done if state["ok"] else attempt
+
+    flow.route(after=attempt, to=again, targets=[attempt, done])
+    store = nk.SQLiteStore(path)
+    assert flow.run({}, run_id="l-1", store=store)["result"] == "ok after 3"
+    assert len(_ledger(ledger)) == 3
+    store.close()
+    code, _out, err = run_cli(capsys, "runs", "forget", f"sqlite:///{path}", "l-1")
+    assert code == 0, err
+    store = nk.SQLiteStore(path)
+    assert store.stats() == {}
+    assert flow.run({}, run_id="l-1", store=store)["result"] == "ok after 3"
+    assert len(_ledger(ledger)) == 6  # every attempt ran again, none replayed
+    store.close()
+
+
+def test_forget_deletes_the_subflows_runs_too(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, ledger = tmp_path / "runs.db", tmp_path / "ledger.txt"
+    inner = nk.Flow("pay-forget")
+
+    @inner.node
+    def charge(amount: int) -> dict[str, int]:
+        _ledger_add(ledger, "charge")
+        return {"paid": amount}
+
+    outer = nk.Flow("shop-forget")
+    outer.add(inner, name="pay")
+    store = nk.SQLiteStore(path)
+    assert outer.run({"amount": 5}, run_id="sub-1", store=store)["paid"] == 5
+    backend = _runlog.backend_for(store)
+    assert backend is not None
+    assert sorted(info.run_id for info in backend.runs()) == ["sub-1", "sub-1/pay"]
+    store.close()
+    code, out, err = run_cli(capsys, "runs", "forget", f"sqlite:///{path}", "sub-1")
+    assert code == 0, err
+    assert "1 subflow run" in out
+    store = nk.SQLiteStore(path)
+    assert store.stats() == {}
+    backend = _runlog.backend_for(store)
+    assert backend is not None
+    assert backend.runs() == []
+    assert outer.run({"amount": 5}, run_id="sub-1", store=store)["paid"] == 5
+    assert _ledger(ledger) == ["charge", "charge"]
+    store.close()
+
+
+# ---------------------------------------------------------------------------- backends
+
+
+def test_a_stores_run_log_goes_with_the_store(tmp_path: Path) -> None:
+    import gc
+    import weakref
+
+    refs = []
+    for i in range(20):
+        flow = nk.Flow("url-runs")
+
+        @flow.node
+        def one(x: int) -> dict[str, int]:
+            return {"y": x}
+
+        flow.run({"x": i}, run_id=f"u-{i}", store=f"sqlite:///{tmp_path / 'runs.db'}")
+        store = nk.SQLiteStore(tmp_path / "runs.db")
+        backend = _runlog.backend_for(store)
+        assert backend is _runlog.backend_for(store)  # one per store
+        refs.append(weakref.ref(backend))
+        store.close()
+        del store, backend
+    gc.collect()
+    assert [ref for ref in refs if ref() is not None] == []
+    assert len(_runlog._BACKENDS) == 0
+
+
+def test_the_sqlite_run_log_uses_no_returning(tmp_path: Path) -> None:
+    store = nk.SQLiteStore(tmp_path / "runs.db")
+    statements: list[str] = []
+    with store._use() as conn:
+        conn.set_trace_callback(statements.append)
+    flow = nk.Flow("old-sqlite")
+
+    @flow.node
+    def one(x: int) -> dict[str, int]:
+        return {"y": x}
+
+    flow.run({"x": 1}, run_id="r-1", store=store)
+    logged = [s for s in statements if "_runs" in s]
+    assert logged  # the run log was written on this connection
+    assert not [s for s in logged if "RETURNING" in s.upper()]
+    backend = _runlog.backend_for(store)
+    assert backend is not None
+    assert backend.runs(run_id="r-1")[0].status == "succeeded"
+    store.close()
+
+
+def test_an_events_own_fields_cannot_replace_its_time_or_name(tmp_path: Path) -> None:
+    store = nk.SQLiteStore(tmp_path / "runs.db")
+    flow = nk.Flow("reserved")
+
+    @flow.node
+    def one(x: int) -> dict[str, int]:
+        with pytest.raises(nk.ConfigError, match="'t'"):
+            nk.context().emit("tick", t=0)
+        from nodekit._events import emit
+
+        emit("node.progress", "one", "rv-1", t=0, name_="x")  # straight to the sink
+        return {"y": x}
+
+    flow.run({"x": 1}, run_id="rv-1", store=store)
+    backend = _runlog.backend_for(store)
+    assert backend is not None
+    (info,) = backend.runs(run_id="rv-1", events=True)
+    progress = [e for e in info.events or [] if e["name"] == "node.progress"]
+    assert len(progress) == 1
+    assert progress[0]["t"] > 1e9  # the event's time, not its field
+    store.close()
+
+
+def test_runs_show_escapes_control_characters(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "runs.db"
+    store = nk.SQLiteStore(path)
+    flow = nk.Flow("ansi")
+
+    @flow.node
+    def evil(x: int) -> dict[str, int]:
+        raise ValueError("boom \x1b[2J\x9b\nnext")
+
+    with pytest.raises(nk.FlowError):
+        flow.run({"x": 1}, run_id="e-1", store=store)
+    store.close()
+    code, out, err = run_cli(capsys, "runs", "show", f"sqlite:///{path}", "e-1")
+    assert code == 0, err
+    assert "\x1b" not in out
+    assert "\x9b" not in out
+    assert "boom \\x1b[2J" in out
+    code, out, err = run_cli(capsys, "runs", "list", f"sqlite:///{path}")
+    assert "\x1b" not in out
+
+
+@pytest.mark.services
+async def test_an_async_postgres_run_logs_on_its_loops_pool(
+    postgres_url: str, pg_schema: str
+) -> None:
+    from nodekit.idempotency.postgres import PostgresStore
+
+    store = PostgresStore(postgres_url, schema=pg_schema)
+    flow = nk.Flow("pg-async")
+
+    @flow.node
+    async def one(x: int) -> dict[str, int]:
+        return {"y": x}
+
+    assert await flow.arun({"x": 1}, run_id="pa-1", store=store) == {"x": 1, "y": 1}
+    assert store._conns.sync is None  # no sync pool opened (no DDL on the loop through it)
+    backend = _runlog.backend_for(store)
+    assert backend is not None
+    (info,) = await asyncio.to_thread(backend.runs, run_id="pa-1", events=True)
+    assert info.status == "succeeded"
+    assert [e["name"] for e in info.events or []][-1] == "flow.finished"
+    await store.aclose()

@@ -27,7 +27,7 @@ class Order(BaseModel):
 
 def rows(events: Events) -> list[dict[str, Any]]:
     """The events as the run log stores them."""
-    return [{"t": e.time, "name": e.name, **e.as_dict()} for e in events]
+    return [{**e.as_dict(), "t": e.time, "name": e.name} for e in events]
 
 
 def record(events: Events, status: str) -> dict[str, Any]:
@@ -358,3 +358,76 @@ def test_the_page_shows_every_node_its_attempts_and_faults(tmp_path: Path) -> No
     assert page.count('<div class="seg wait"') == 2
     assert page.count('<div class="seg replay"') == 1
     assert "ValueError: carrier refused &lt;b&gt;label&lt;/b&gt; &amp; more" in page
+
+
+def test_a_durable_runs_steps_are_timed_by_the_flows_own_events() -> None:
+    """A durable run's log has no node.started/succeeded for a successful attempt: the flow's
+    node_started/node_finished give the lane, and node.retrying the attempts before it."""
+    events = [
+        {"t": 100.0, "name": "flow.started", "node": None},
+        {"t": 100.1, "name": "flow.node_started", "node": "fetch"},
+        {"t": 100.3, "name": "flow.node_finished", "node": "fetch"},
+        {"t": 100.4, "name": "flow.node_started", "node": "pay"},
+        {
+            "t": 100.6,
+            "name": "node.retrying",
+            "node": "pay",
+            "attempt": 1,
+            "wait": 0.5,
+            "error": "ConnectionError: down",
+            "duration": 0.2,
+        },
+        {"t": 101.4, "name": "flow.node_finished", "node": "pay"},
+        {"t": 101.5, "name": "flow.node_started", "node": "fetch"},  # a loop: its second call
+        {"t": 101.7, "name": "flow.node_finished", "node": "fetch"},
+        {"t": 101.8, "name": "flow.node_started", "node": "ship"},
+        {"t": 101.9, "name": "flow.finished", "node": None},
+    ]
+    run = {"run_id": "d-1", "flow": "f", "status": "running", "started_at": 100.0, "ended_at": None}
+    story = build_story(run, events)
+    lanes = {lane["node"]: lane for lane in story["lanes"]}
+    fetch = [s for s in lanes["fetch"]["segments"] if s["type"] == "attempt"]
+    assert [(s["start"], s["end"], s["outcome"]) for s in fetch] == [
+        (100.1, 100.3, "succeeded"),
+        (101.5, 101.7, "succeeded"),
+    ]
+    assert lanes["fetch"]["calls"] == 2
+    pay = lanes["pay"]["segments"]
+    assert [(s["type"], s.get("outcome")) for s in pay] == [
+        ("attempt", "retried"),
+        ("wait", None),
+        ("attempt", "succeeded"),
+    ]
+    assert pay[0]["start"] == 100.4
+    assert pay[0]["error"] == "ConnectionError: down"
+    assert (pay[1]["start"], pay[1]["end"]) == (100.6, 101.1)
+    assert (pay[2]["start"], pay[2]["end"]) == (101.1, 101.4)
+    assert lanes["pay"]["status"] == "succeeded"
+    assert (lanes["ship"]["attempts"], lanes["ship"]["status"]) == (1, "running")
+
+
+def test_the_terminal_timeline_escapes_control_characters() -> None:
+    events = [
+        {"t": 100.0, "name": "flow.node_started", "node": "evil\x1b[31m"},
+        {
+            "t": 100.2,
+            "name": "node.failed",
+            "node": "evil\x1b[31m",
+            "attempt": 1,
+            "error": "ValueError: boom \x1b[2J\x9b\nnext",
+        },
+        {"t": 100.3, "name": "runlog.dropped", "node": None, "dropped": 7},
+    ]
+    run = {
+        "run_id": "r\x07",
+        "flow": "f",
+        "status": "failed",
+        "started_at": 100.0,
+        "ended_at": 100.3,
+    }
+    text = render_text(build_story(run, events))
+    assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f]", text)
+    assert "boom \\x1b[2J\\x9b\\x0anext" in text
+    assert "evil\\x1b[31m" in text
+    assert "run r\\x07" in text
+    assert "7 events not kept" in text

@@ -42,6 +42,11 @@ _FAULT_MARKS = frozenset(
         "node.retry_unsafe",
     }
 )
+# the events of a node's call (its attempts): a step with any is timed by them
+_CALL_EVENTS = frozenset(
+    {"node.started", "node.retrying", "node.timed_out", "node.succeeded", "node.failed"}
+)
+
 _ENDED = ("succeeded", "failed", "compensated", "cancelled", "crashed")
 
 
@@ -96,7 +101,7 @@ def _segment(kind: str, start: float, end: float | None, **fields: Any) -> dict[
 
 
 class _Lane:
-    __slots__ = ("calls", "done", "marks", "name", "outcomes", "segments", "step")
+    __slots__ = ("calls", "done", "marks", "name", "outcomes", "seen", "segments", "step")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -105,7 +110,11 @@ class _Lane:
         self.segments: list[dict[str, Any]] = []  # replays, compensations, skips
         self.marks: list[dict[str, Any]] = []
         self.outcomes: list[str] = []  # each finished call's outcome, in order
-        self.step: list[float | None] = [None, None]  # the flow's node_started .. finished
+        # the flow's last node_started (None once finished), and whether a node event of
+        # that step came (a successful step in a durable run has none: its log keeps no
+        # node.started/succeeded, the flow's own events time it)
+        self.step: float | None = None
+        self.seen = False
 
     def call_for(self, attempt: int, at: float, event: Mapping[str, Any]) -> _Call:
         """The open call whose running attempt is `attempt` (else any open one, else a call
@@ -117,8 +126,8 @@ class _Lane:
             return self.calls[0]
         duration = event.get("duration")
         start = at - float(duration) if isinstance(duration, int | float) else at
-        if self.step[0] is not None and attempt <= 1:
-            start = max(min(start, at), self.step[0])
+        if self.step is not None and attempt <= 1:
+            start = max(min(start, at), self.step)
         call = _Call(max(attempt, 1), start)
         self.calls.append(call)
         return call
@@ -157,6 +166,8 @@ def build_story(run: Mapping[str, Any], events: Sequence[Mapping[str, Any]]) -> 
                 run_marks.append(_mark(event, at))
             continue
         here = lane(str(node))
+        if name in _CALL_EVENTS:
+            here.seen = True
         if name == "node.started":
             here.calls.append(_Call(max(attempt, 1), at))
         elif name == "node.retrying":
@@ -188,9 +199,18 @@ def build_story(run: Mapping[str, Any], events: Sequence[Mapping[str, Any]]) -> 
                 segment["error"] = str(event["error"])
             here.segments.append(segment)
         elif name == "flow.node_started":
-            here.step[0] = at
+            here.step, here.seen = at, False
         elif name == "flow.node_finished":
-            here.step[1] = at
+            if here.calls:  # its last attempt succeeded (a retried step of a durable run)
+                call = here.calls[0]
+                call.end(at, "succeeded", {})
+                here.close(call, "succeeded")
+            elif not here.seen and here.step is not None:  # one attempt, no node events
+                call = _Call(1, here.step)
+                here.calls.append(call)
+                call.end(at, "succeeded", {})
+                here.close(call, "succeeded")
+            here.step = None
         elif name == "flow.node_skipped":
             if event.get("reason") != "replayed":  # a journal replay says node.replayed too
                 here.segments.append(
@@ -268,11 +288,12 @@ def _assemble(
                 call.segments.append(call.open)
                 call.attempts += 1
             item.close(call, "interrupted" if ended else "running")
+        if item.step is not None and not item.seen:  # a step still running, never timed
+            call = _Call(1, item.step)
+            item.calls.append(call)
+            call.end(end, "interrupted" if ended else "running", {})
+            item.close(call, "interrupted" if ended else "running")
         groups = [call.segments for call in item.done] + [[s] for s in item.segments]
-        if not any(groups) and item.step[0] is not None:  # a flow node the events never timed
-            step_end = item.step[1] if item.step[1] is not None else end
-            groups.append([_segment("attempt", item.step[0], step_end, attempt=1)])
-            groups[-1][0]["outcome"] = "succeeded" if item.step[1] is not None else "running"
         segments = _pack(groups)
         if not segments and not item.marks:
             continue
@@ -324,6 +345,12 @@ def _assemble(
         **totals,
         "waited": waited,
         "events": len(ordered),
+        # events the run log did not keep (past its cap: `runlog.dropped` counts them)
+        "dropped": sum(
+            int(event.get("dropped") or 0)
+            for event in ordered
+            if event.get("name") == "runlog.dropped"
+        ),
     }
     return {
         "run": {

@@ -2,11 +2,33 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from datetime import datetime, tzinfo
 from typing import Any
 
-__all__ = ["counts_line", "format_clock", "format_duration", "plural", "render_text"]
+__all__ = [
+    "counts_line",
+    "format_clock",
+    "format_duration",
+    "plural",
+    "printable",
+    "render_text",
+]
+
+# C0 and C1 control characters (and DEL): a stored error text may hold any of them, and a
+# terminal obeys them (``\x1b[2J`` clears the screen)
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    return f"\\x{ord(match.group()):02x}"
+
+
+def printable(text: str) -> str:
+    """`text` safe to print on a terminal: each control character (newline and tab too) as
+    a ``\\x1b``-style escape."""
+    return _CONTROL.sub(_escaped, text)
 
 
 def format_clock(t: float, tz: tzinfo | None = None) -> str:
@@ -82,7 +104,14 @@ def render_text(story: Mapping[str, Any], *, tz: tzinfo | None = None) -> str:
             lines.append(f"  {clock(at)}    {text}")
     for mark in story["marks"]:
         lines.append(f"{clock(mark['t'])}  {_mark_text(mark)}")
-    return "\n".join(lines) + "\n"
+    dropped = summary.get("dropped")
+    if dropped:
+        lines.append(
+            f"({plural(int(dropped), 'event')} not kept: the run log keeps at most "
+            "its first events)"
+        )
+    # every text from events (node names, error texts) may hold control characters
+    return "\n".join(printable(line) for line in lines) + "\n"
 
 
 def _segment_text(segment: Mapping[str, Any]) -> str:

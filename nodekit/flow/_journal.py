@@ -9,6 +9,7 @@ journaled and runs the rest, so which nodes run depends only on journaled values
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import warnings
@@ -24,6 +25,7 @@ from .._errors import (
     IdempotencyStoreError,
     OutcomeUnknown,
 )
+from .._events import RUN_SINK
 from .._node import call_in_context_async, call_in_context_sync, new_context
 from .._redact import error_text
 from ..idempotency._claim import MISMATCH, REPLAY, Claim, Holder, drive_async, drive_sync
@@ -59,6 +61,7 @@ class Journal:
         "log",
         "owned",
         "run",
+        "sink",
         "store",
     )
 
@@ -129,7 +132,14 @@ class Journal:
                 for step, (key, _) in zip(run.plan.order, self.keys, strict=True)
             ],
             max((step.lease for step in run.plan.order), default=60.0),
+            _route_names(run),
         )
+        # its events reach the run log through a sink of this run's context only (node
+        # calls, tasks and worker threads of the run inherit it): `_events.RUN_SINK`
+        self.sink: Any = None
+        if self.log is not None:
+            run.logged = True
+            self.sink = RUN_SINK.set(self.log.seen)
 
     # ------------------------------------------------------------------ decisions
 
@@ -242,17 +252,38 @@ class Journal:
             await log.aflush()
         return kind, payload if kind == REPLAYED else payload[0], duration
 
+    def _unsink(self) -> None:
+        token, self.sink = self.sink, None
+        if token is not None:
+            # closed from another context (a collected generator): nothing to reset there
+            with contextlib.suppress(ValueError):
+                RUN_SINK.reset(token)
+
     def close_sync(self) -> None:
-        if self.log is not None:
-            self.log.close()
+        try:
+            if self.log is not None:
+                self.log.close()
+        finally:
+            self._unsink()
         if self.owned:
             self.store.close()
 
     async def close_async(self) -> None:
-        if self.log is not None:
-            await self.log.aclose()
+        try:
+            if self.log is not None:
+                await self.log.aclose()
+        finally:
+            self._unsink()
         if self.owned:
             await self.store.aclose()
+
+
+def _route_names(run: Run) -> list[list[str]]:
+    """The routes after each node (by step index): their decisions are journaled too."""
+    routing = run.plan.routes
+    if routing is None:
+        return [[] for _ in run.plan.order]
+    return [[route.name for route in routes] for routes in routing.after]
 
 
 class _Header(Holder):

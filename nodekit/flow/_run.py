@@ -60,6 +60,7 @@ class Run:
         "dirty",
         "failed_emitted",
         "flow",
+        "logged",
         "plan",
         "public",
         "resources",
@@ -93,6 +94,9 @@ class Run:
         self.dirty: set[str] = set()
         self.base: dict[str, Any] = {}
         self.failed_emitted = False
+        # a durable run keeping a run log: its node_started/node_finished events go out
+        # (to the run's scoped sink, `_events.RUN_SINK`) even when nobody else listens
+        self.logged = False
         # a flow with compensations: what its compensable nodes contributed, by name (one
         # per completion: a loop may run a node again), and the run's `FlowError` while its
         # compensations run (`_compensate`)
@@ -286,7 +290,7 @@ class Run:
             self.results.setdefault(step.name, []).append(
                 update[step.output] if update and step.output is not None else update
             )
-        if not replayed and not observed():
+        if not replayed and not observed() and not self.logged:
             return
         if replayed:
             emit(
@@ -325,7 +329,7 @@ class Run:
         self.install(step, update, self.merge(step, update), duration)
 
     def node_started(self, step: Step) -> None:
-        if observed():
+        if observed() or self.logged:
             emit("flow.node_started", step.name, self.run_id, flow=self.flow.name, **self.tags)
 
     # ------------------------------------------------------------------ sync step
