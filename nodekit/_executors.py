@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import importlib
-import pickle
 import sys
 import threading
 import uuid
@@ -98,7 +97,7 @@ def _recipe(node: Any) -> tuple[str, tuple[str, str] | None, bytes | None]:
                 option="executor",
             ) from None
         try:
-            data = cloudpickle.dumps(node.options, protocol=pickle.HIGHEST_PROTOCOL)
+            data = cloudpickle.dumps(node.options, protocol=cloudpickle.DEFAULT_PROTOCOL)
         except Exception as exc:
             raise ConfigError(
                 f"node {name!r} cannot be sent to another process by value (its function or "
@@ -125,6 +124,8 @@ def _load(token: str, ref: tuple[str, str] | None, data: bytes | None) -> Shippe
             node = _BUILT.get(token)
             if node is None:
                 assert data is not None
+                import pickle  # here: `import nodekit` does not load pickle
+
                 node = _BUILT[token] = pickle.loads(data)()
     return Shipped(node, (token, ref, data))
 
