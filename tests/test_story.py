@@ -276,6 +276,34 @@ def test_timeouts_compensations_fallbacks_and_progress_are_on_their_lanes() -> N
     assert summary["duration"] == pytest.approx(1.7)
 
 
+def test_a_resumed_compensated_run_counts_each_compensation_once() -> None:
+    """A resume of a compensated run meets its compensations in the journal (`replayed`): shown,
+    not counted again; a step whose fallback raised (the run failed at it) is `failed`."""
+    events = [
+        ev(0.0, "node.started", "charge", attempt=1),
+        ev(0.1, "node.succeeded", "charge", attempt=1, duration=0.1, attempts=1),
+        ev(0.2, "node.started", "receipt", attempt=1),
+        ev(0.3, "node.failed", "receipt", attempt=1, error="HTTPError: 403", kind="permanent"),
+        ev(0.3, "node.fallback", "receipt", attempt=1, error="HTTPError: 403", kind="permanent"),
+        ev(0.4, "flow.compensating", None, flow="f", failed="receipt"),
+        ev(0.5, "node.compensated", "charge", duration=0.05),
+        ev(0.6, "flow.failed", "receipt", failed="receipt", error="HTTPError: 403"),
+        ev(2.0, "flow.compensating", None, flow="f", failed="receipt"),
+        ev(2.0, "node.compensated", "charge", duration=0.0, replayed=True),
+        ev(2.1, "flow.failed", "receipt", failed="receipt", error="HTTPError: 403"),
+    ]
+    story = build_story({**RUN, "status": "compensated", "ended_at": T0 + 2.1}, events)
+    charge = lane(story, "charge")
+    assert [s.get("outcome") for s in charge["segments"]] == [
+        "succeeded",
+        "compensated",
+        "replayed",
+    ]
+    assert (charge["compensations"], story["summary"]["compensations"]) == (1, 1)
+    assert lane(story, "receipt")["status"] == "failed"
+    assert "compensated before (journal)" in render_text(story, tz=UTC)
+
+
 def test_a_call_whose_start_was_not_seen_starts_its_duration_before_it_ended() -> None:
     events = [ev(1.0, "node.succeeded", "quick", attempt=1, duration=0.25, attempts=1)]
     (segment,) = lane(build_story(RUN, events), "quick")["segments"]

@@ -164,6 +164,8 @@ def build_story(run: Mapping[str, Any], events: Sequence[Mapping[str, Any]]) -> 
         if node is None:
             if name not in _QUIET:
                 run_marks.append(_mark(event, at))
+            if name == "flow.failed":
+                _fallback_raised(lanes, event)
             continue
         here = lane(str(node))
         if name in _CALL_EVENTS:
@@ -194,6 +196,8 @@ def build_story(run: Mapping[str, Any], events: Sequence[Mapping[str, Any]]) -> 
             duration = event.get("duration")
             start = at - float(duration) if isinstance(duration, int | float) else at
             outcome = "compensated" if name == "node.compensated" else "failed"
+            if event.get("replayed"):  # a resume met it in the journal: done before, not again
+                outcome = "replayed"
             segment = _segment("compensation", start, at, outcome=outcome)
             if event.get("error") is not None:
                 segment["error"] = str(event["error"])
@@ -218,6 +222,7 @@ def build_story(run: Mapping[str, Any], events: Sequence[Mapping[str, Any]]) -> 
                 )
         elif name == "flow.failed":
             run_marks.append(_mark(event, at))
+            _fallback_raised(lanes, event)
         elif name not in _QUIET:
             if name == "node.fallback" and here.outcomes:
                 here.outcomes[-1] = "fallback"
@@ -227,6 +232,14 @@ def build_story(run: Mapping[str, Any], events: Sequence[Mapping[str, Any]]) -> 
     ended = run.get("ended_at")
     end = float(ended) if isinstance(ended, int | float) else max(last or start, start)
     return _assemble(run, status, start, end, lanes, run_marks, ordered)
+
+
+def _fallback_raised(lanes: Mapping[str, _Lane], event: Mapping[str, Any]) -> None:
+    """The run failed at a step whose last call fell back: its fallback raised, so the step
+    failed all the same (not "fallback")."""
+    failed = lanes.get(str(event.get("failed")))
+    if failed is not None and failed.outcomes and failed.outcomes[-1] == "fallback":
+        failed.outcomes[-1] = "failed"
 
 
 def _number(value: Any, default: Any) -> float:
@@ -301,7 +314,9 @@ def _assemble(
         faults = [s for s in attempts if s.get("outcome") in ("retried", "failed")]
         waits = [s for s in segments if s["type"] == "wait"]
         replays = [s for s in segments if s["type"] == "replay"]
-        compensations = [s for s in segments if s["type"] == "compensation"]
+        compensations = [
+            s for s in segments if s["type"] == "compensation" and s.get("outcome") != "replayed"
+        ]
         errors = [s["error"] for s in segments if s.get("error")]
         times = [s["start"] for s in segments] + [m["t"] for m in item.marks]
         ends = [s["end"] for s in segments] + [m["t"] for m in item.marks]

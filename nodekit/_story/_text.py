@@ -140,7 +140,10 @@ def _segment_text(segment: Mapping[str, Any]) -> str:
             text += ": the recorded error"
         return text
     if kind == "compensation":
-        what = "compensated" if segment.get("outcome") == "compensated" else "compensation failed"
+        what = {
+            "compensated": "compensated",
+            "replayed": "compensated before (journal)",
+        }.get(str(segment.get("outcome")), "compensation failed")
         text = f"{what:<30} {took:>9}"
         return text + (f"  {segment['error']}" if segment.get("error") else "")
     if kind == "skipped":
