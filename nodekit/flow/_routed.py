@@ -14,7 +14,6 @@ import asyncio
 import contextvars
 import inspect
 import json
-import time
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any
 
@@ -26,7 +25,7 @@ from ..idempotency._store import Acquisition, Record, RecordKey
 from ._graph import FlowOptions, Step
 from ._journal import Journal, _journal_problem, _journal_store_error
 from ._routes import Route, Routing, Walk
-from ._run import REPLAYED, RESULT, UPDATED, Run, in_worker, replay_update
+from ._run import Run, apply_outcome, call_step
 from ._schema import Problem
 
 __all__ = ["CALL", "RoutedScheduler", "decide_async", "decide_sync", "walk_sync"]
@@ -337,37 +336,12 @@ class RoutedScheduler:
             CALL.set(call)  # in this task's own context
         if self.journal is not None:
             return await self.journal.step_async(step, call)
-        run = self.run
-        t0 = time.perf_counter()
-        args, kwargs = run.bind(step)
-        run.node_started(step)
-        if step.is_async:
-            result = await step.call(*args, **kwargs)
-        else:
-            try:
-                if self.offload is None:
-                    result = await asyncio.to_thread(step.call, *args, **kwargs)
-                else:
-                    result = await self.offload(step, args, kwargs)
-            except Exception as exc:
-                bound = in_worker(step.name, kwargs, exc)
-                if bound is None:
-                    raise
-                raise bound from exc
-        return RESULT, result, time.perf_counter() - t0
+        return await call_step(self.run, step, self.offload)
 
     def _apply(self, step: Step, outcome: tuple[int, Any, float]) -> None:
-        kind, payload, duration = outcome
-        run = self.run
-        if kind == RESULT:
-            run.commit(step, payload, duration)
-        elif kind == UPDATED:
-            run.apply(step, payload, duration)
-        else:
-            assert kind == REPLAYED
-            replay_update(run, step, payload)
+        apply_outcome(self.run, step, outcome)
         # a node may run several times: reducers fold in the order the updates were applied
-        run.dirty.clear()
+        self.run.dirty.clear()
 
     async def _route(self, step: Step, call: int) -> None:
         walk = self.walk

@@ -473,6 +473,42 @@ def replay_update(run: Run, step: Step, update: Mapping[str, Any]) -> None:
     emit("node.replayed", step.name, run.run_id, flow=run.flow.name, source="journal", **run.tags)
 
 
+async def call_step(
+    run: Run, step: Step, offload: Callable[[Step, Any, Any], Any] | None
+) -> tuple[int, Any, float]:
+    """Run one node of an async run that keeps no journal: an async node awaited here, a
+    sync one in a worker thread (or on the flow's executor through `offload`). Returns what
+    `apply_outcome` applies: ``(RESULT, the node's return value, duration)``."""
+    t0 = time.perf_counter()
+    args, kwargs = run.bind(step)
+    run.node_started(step)
+    if step.is_async:
+        result = await step.call(*args, **kwargs)
+    else:
+        try:
+            if offload is None:
+                result = await asyncio.to_thread(step.call, *args, **kwargs)
+            else:
+                result = await offload(step, args, kwargs)
+        except Exception as exc:
+            bound = in_worker(step.name, kwargs, exc)
+            if bound is None:
+                raise
+            raise bound from exc
+    return RESULT, result, time.perf_counter() - t0
+
+
+def apply_outcome(run: Run, step: Step, outcome: tuple[int, Any, float]) -> None:
+    """Apply what `call_step` or the journal returned for a node, on the run's own loop."""
+    kind, payload, duration = outcome
+    if kind == RESULT:
+        run.commit(step, payload, duration)
+    elif kind == UPDATED:
+        run.apply(step, payload, duration)
+    else:
+        replay_update(run, step, payload)
+
+
 # ---------------------------------------------------------------------------- resources
 
 

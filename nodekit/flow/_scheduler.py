@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import time
 from collections import deque
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Coroutine, Generator, Mapping
 from typing import Any
 
 from .. import _context
@@ -31,15 +30,13 @@ from ._graph import RESOURCE, FlowOptions, Plan, Step
 from ._journal import Journal
 from ._routed import RoutedScheduler, walk_sync
 from ._run import (
-    RESULT,
     SCOPE,
-    UPDATED,
     Run,
     Scope,
+    apply_outcome,
+    call_step,
     close_resources_async,
     close_resources_sync,
-    in_worker,
-    replay_update,
 )
 
 
@@ -219,38 +216,12 @@ class Scheduler:
         self.finished.append(task)
         self.wake.set()
 
-    async def node(self, step: Step) -> tuple[int, Any, float]:
-        """Run one node (journaled or not); returns what the main loop applies."""
+    def node(self, step: Step) -> Coroutine[Any, Any, tuple[int, Any, float]]:
+        """Run one node (journaled or not): the coroutine itself, no frame of its own; it
+        returns what `apply_outcome` applies."""
         if self.journal is not None:
-            return await self.journal.step_async(step)
-        run = self.run
-        t0 = time.perf_counter()
-        args, kwargs = run.bind(step)
-        run.node_started(step)
-        if step.is_async:
-            result = await step.call(*args, **kwargs)
-        else:
-            try:
-                if self.executor is None:
-                    result = await asyncio.to_thread(step.call, *args, **kwargs)
-                else:
-                    result = await self.executor(step, args, kwargs)
-            except Exception as exc:
-                bound = in_worker(step.name, kwargs, exc)
-                if bound is None:
-                    raise
-                raise bound from exc
-        return RESULT, result, time.perf_counter() - t0
-
-    def apply(self, step: Step, outcome: tuple[int, Any, float]) -> None:
-        kind, payload, duration = outcome
-        run = self.run
-        if kind == RESULT:
-            run.commit(step, payload, duration)
-        elif kind == UPDATED:
-            run.apply(step, payload, duration)
-        else:
-            replay_update(run, step, payload)
+            return self.journal.step_async(step)
+        return call_step(self.run, step, self.executor)
 
     async def drive(self) -> None:
         """Run every node; raises the run's `FlowError` for the first node that failed."""
@@ -286,7 +257,7 @@ class Scheduler:
         """Run the one ready node in place; False if it failed (the run stops)."""
         step = self.run.plan.order[heapq.heappop(self.ready)]
         try:
-            self.apply(step, await self.node(step))
+            apply_outcome(self.run, step, await self.node(step))
         except Exception as exc:
             self.failure = (step.name, exc)
             return False
@@ -318,7 +289,7 @@ class Scheduler:
             problem = task.exception()
             if problem is None:
                 try:
-                    self.apply(step, task.result())
+                    apply_outcome(self.run, step, task.result())
                 except Exception as error:
                     problem = error
                 else:
