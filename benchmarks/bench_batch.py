@@ -28,9 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -76,23 +74,8 @@ class Timing:
 def local_api() -> Iterator[str]:
     """nodekit.testing's LocalAPI in a child process (built-in routes, no faults); its URL."""
     command = [sys.executable, "-m", "nodekit.testing._server", "--port", "0"]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=_common.ROOT)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        match = re.search(r"http://\S+", line)
-        if match is None:
-            raise RuntimeError(f"the LocalAPI did not start: {line!r}")
-        yield match.group(0)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+    with _common.served(command) as url:
+        yield url
 
 
 async def ledger_size(http: httpx.AsyncClient) -> int:

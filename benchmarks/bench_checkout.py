@@ -29,11 +29,9 @@ import contextlib
 import functools
 import json
 import os
-import re
 import shutil
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -111,23 +109,8 @@ def local_api() -> Iterator[str]:
         SERVER,
         *("--port", "0", "--webhook-secret", checkout.WEBHOOK_SECRET),
     ]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=_common.ROOT)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        match = re.search(r"http://\S+", line)
-        if match is None:
-            raise RuntimeError(f"the LocalAPI did not start: {line!r}")
-        yield match.group(0)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+    with _common.served(command) as url:
+        yield url
 
 
 def ledger(url: str) -> list[dict[str, Any]]:

@@ -164,15 +164,7 @@ class _Postgres(_Backend):
         lease: float,
         status: str | None = None,
     ) -> str | None:
-        params = {
-            "flow": flow,
-            "run_id": run_id,
-            "lines": lines,
-            "now": now,
-            "lease": lease,
-            "status": status,
-            "cancelled": CANCELLED,
-        }
+        params = _append_params(flow, run_id, lines, now, lease, status)
         row = self._do(self.append_sql, params, "one")
         return None if row is None else str(row[0])
 
@@ -220,15 +212,7 @@ class _Postgres(_Backend):
         lease: float,
         status: str | None = None,
     ) -> str | None:
-        params = {
-            "flow": flow,
-            "run_id": run_id,
-            "lines": lines,
-            "now": now,
-            "lease": lease,
-            "status": status,
-            "cancelled": CANCELLED,
-        }
+        params = _append_params(flow, run_id, lines, now, lease, status)
 
         async def op(conn: Any) -> Any:
             await self._acreate(conn)
@@ -273,3 +257,17 @@ class _Postgres(_Backend):
 
         rows = self._do(self.find_sql, (prefix + "%",), "all")
         return [checked_record(row, self.store._label) for row in rows]
+
+
+def _append_params(
+    flow: str, run_id: str, lines: str, now: float, lease: float, status: str | None
+) -> dict[str, Any]:
+    return {
+        "flow": flow,
+        "run_id": run_id,
+        "lines": lines,
+        "now": now,
+        "lease": lease,
+        "status": status,
+        "cancelled": CANCELLED,
+    }
